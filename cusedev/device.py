@@ -44,6 +44,13 @@ class CallerMemory(Protocol):
     def read(self, addr: int, length: int) -> bytes:
         """Bytes at ``addr``; ``OSError(EFAULT)`` when unreadable."""
 
+    def peek(self, addr: int, want: int, need: int) -> bytes:
+        """At least ``need`` bytes at ``addr`` and up to ``want`` if they are readable.
+
+        Lets a direct backend fetch a whole struct in one syscall while the size
+        word alone decides EFAULT; a retry backend just asks for ``need``.
+        """
+
     def declare(self, in_range: tuple[int, int], out_range: tuple[int, int] | None) -> None:
         """Announce the whole input and output ranges before the handler runs.
 
