@@ -1,0 +1,154 @@
+"""The device behind every transport: open descriptions, exclusive open, revocation, fd traffic.
+
+``LiveUpdateDevice`` is the ``DeviceHandler`` the transports call.  It keeps
+one ``Session`` per open file description, enforces the single opener (EBUSY),
+drops outgoing files when the opener goes away, and hands each ioctl to the
+ABI profile's table with the session as context.  Moving fds in and out of
+the caller (pidfd_getfd in, an ``FdInstaller`` out) lives here too, so ABI
+handlers stay a few lines each.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from . import abi, pidfd
+from .abi.table import dispatch
+from .core import LiveUpdateCore, fail
+from .device import Caller, CallerMemory, einval
+from .files import ShmemFile, check_usable
+
+log = logging.getLogger(__name__)
+
+
+class FdInstaller(Protocol):
+    """Puts a new fd into a caller, as the kernel's fd_install would (seccomp ADDFD in practice)."""
+
+    def reserve(self, caller: Caller) -> None:
+        """Fail with EMFILE (or the kernel's errno) when the caller has no free fd."""
+
+    def install(self, caller: Caller, fd: int) -> int:
+        """Install a dup of our ``fd`` with O_CLOEXEC in the caller; returns its number there."""
+
+
+class Session:
+    """One open file description of the device; the ``ctx`` of every ABI handler."""
+
+    __slots__ = ("fh", "device", "core", "revoked")
+
+    def __init__(self, fh: int, device: LiveUpdateDevice):
+        self.fh = fh
+        self.device = device
+        self.core = device.core
+        self.revoked = False
+
+    def preserve(self, caller: Caller, fd: int, token: int) -> None:
+        """FD_PRESERVE: EBADF (fd), then the core's EBUSY / ENOENT / EEXIST."""
+        try:
+            ours = pidfd.getfd(caller.tid, fd)
+        except OSError as e:
+            raise fail(errno.EBADF) from e
+        check_usable(ours)
+        probed = False
+
+        def probe() -> ShmemFile:
+            nonlocal probed
+            probed = True
+            return ShmemFile.probe(ours)
+
+        try:
+            self.core.preserve(token, probe)
+        except OSError:
+            if not probed:
+                os.close(ours)
+            raise
+
+    def restore(self, caller: Caller, token: int) -> int:
+        """FD_RESTORE: reserve an fd, the core's checks, then install a new description."""
+        installer = self.device.installer
+        if installer is not None:
+            installer.reserve(caller)
+        pf = self.core.restore(token)
+        if installer is None:
+            self.device.warn_no_installer()
+            raise fail(errno.EOPNOTSUPP)
+        assert isinstance(pf.ops, ShmemFile)
+        fd = pf.ops.reopen()
+        try:
+            newfd = installer.install(caller, fd)
+        finally:
+            os.close(fd)
+        self.core.mark_restored(pf)
+        return newfd
+
+
+class LiveUpdateDevice:
+    """``DeviceHandler`` for /dev/liveupdate: one core, one ABI profile, any number of transports."""
+
+    def __init__(self, core: LiveUpdateCore | None = None, profile: str = "v3"):
+        self.core = core if core is not None else LiveUpdateCore()
+        self.profile = abi.profile(profile)
+        self.ops = self.profile.OPS
+        self.sessions: dict[int, Session] = {}
+        self.opener: Session | None = None
+        self.installer: FdInstaller | None = None
+        self.on_open: list[Callable[[Caller], None]] = []
+        self.opener_tid = 0
+        self._next_fh = 1
+        self._warned = False
+
+    # -- DeviceHandler ---------------------------------------------------------------------------
+    def open(self, caller: Caller, flags: int) -> int:
+        if self.opener is not None:
+            raise fail(errno.EBUSY)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.opener = self.sessions[fh] = Session(fh, self)
+        self.opener_tid = caller.tid
+        for cb in self.on_open:
+            cb(caller)
+        return fh
+
+    def release(self, fh: int) -> None:
+        s = self.sessions.pop(fh, None)
+        if s is not None and s is self.opener:
+            self.opener = None
+            self.core.drop_outgoing()
+
+    def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
+        s = self.sessions.get(fh)
+        if s is None or s.revoked:
+            raise fail(errno.ENODEV)
+        return dispatch(self.ops, s, caller, cmd, arg, mem)
+
+    def read(self, fh: int, caller: Caller, size: int) -> bytes:
+        raise einval()
+
+    def write(self, fh: int, caller: Caller, data: bytes) -> int:
+        raise einval()
+
+    # -- the emulated reboot ---------------------------------------------------------------------
+    def kexec(self) -> bool:
+        """reboot(LINUX_REBOOT_CMD_KEXEC): the core's freeze and boot, then every handle is revoked.
+
+        Revoked handles stay open in their processes (which a real kexec would
+        have killed) but every later call fails with ENODEV; the exclusive-open
+        slot is free at once.
+        """
+        live = self.core.kexec()
+        for s in self.sessions.values():
+            s.revoked = True
+        self.opener = None
+        return live
+
+    def warn_no_installer(self) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "FD_RESTORE cannot install an fd in a process that is not under `cusedev run`; "
+                "returning EOPNOTSUPP (run the client with `cusedev run -- CMD`)"
+            )
