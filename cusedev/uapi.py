@@ -240,12 +240,25 @@ def _flatten(tp: Any, base: int, prefix: str, out: list[tuple[int, int, str, str
         raise TypeError(f"{tp.cname}: {kind} fields are not supported by Codec")
 
 
-@functools.cache
 def codec(ctype_name: str) -> Codec:
-    """Return the (cached) :class:`Codec` of a struct in the cdefs."""
-    tp = _ctype(ctype_name)
+    """Return the (cached) :class:`Codec` of a struct: ``"fuse_in_header"`` or ``"struct fuse_in_header"``."""
+    try:
+        return _CODECS[ctype_name]
+    except KeyError:
+        pass
+    result = _CODECS[ctype_name] = _build_codec(_ctype(ctype_name).cname)
+    return result
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+@functools.cache
+def _build_codec(cname: str) -> Codec:
+    """Build a Codec once per canonical C type name."""
+    tp = ffi.typeof(cname)
     if tp.kind != "struct":
-        raise TypeError(f"{ctype_name}: not a struct")
+        raise TypeError(f"{cname}: not a struct")
     items: list[tuple[int, int, str, str, Any]] = []
     _flatten(tp, 0, "", items)
     items.sort(key=lambda it: it[0])
