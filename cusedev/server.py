@@ -1,0 +1,192 @@
+"""Run the emulator: pick a transport, serve a DeviceHandler at a path on an asyncio loop.
+
+In-process use (tests, other front ends sharing the loop)::
+
+    server = Server("/dev/liveupdate", transport="auto")
+    await server.start()          # raises ServeError with a one-line reason
+    ...                           # server.loop, server.handler, server.add_session(...)
+    await server.stop()
+
+or ``await serve(path, ...)`` which runs until SIGINT/SIGTERM.  Another FUSE
+filesystem joins the same loop with ``wire.Session(fd, ops).start()`` — or
+``server.add_session(session)`` so that ``stop()`` stops it too — and any
+other component with ``server.add_cleanup(async_fn)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .device import DeviceHandler
+from .transport import TransportError
+from .wire import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEVICE = "/dev/liveupdate"
+TRANSPORTS = ("auto", "cuse", "fuse")
+
+
+class ServeError(Exception):
+    """The emulator cannot start; the message is one line for the user."""
+
+
+def load_handler(spec: str | None) -> DeviceHandler:
+    """A handler from ``module:factory`` (default: the LUO device)."""
+    if not spec:
+        from .handles import LiveUpdateDevice
+
+        return LiveUpdateDevice()
+    mod, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod), attr or "Handler")
+    except (ImportError, AttributeError) as e:
+        raise ServeError(f"cannot load handler {spec!r}: {e}") from e
+    return factory()
+
+
+def choose_transport(requested: str) -> str:
+    """``auto`` → cuse if /dev/cuse is usable (after modprobe), else fuse with one warning."""
+    from .transport.cuse import cuse_available
+
+    if requested not in TRANSPORTS:
+        raise ServeError(f"unknown transport {requested!r}")
+    if requested != "auto":
+        return requested
+    why = cuse_available()
+    if why is None:
+        return "cuse"
+    if not os.path.exists("/dev/fuse"):
+        raise ServeError(f"neither CUSE ({why}) nor FUSE (/dev/fuse missing) is usable")
+    log.warning("CUSE unavailable (%s); using the FUSE-file fallback", why)
+    return "fuse"
+
+
+class Server:
+    """One emulated device on the running asyncio loop."""
+
+    def __init__(self, device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
+                 handler: DeviceHandler | None = None, mode: int = 0o600, uid: int = 0, gid: int = 0,
+                 memory: str = "retry"):
+        self.device_path = os.path.abspath(device_path)
+        self.requested_transport = transport
+        self.handler = handler
+        self.mode, self.uid, self.gid = mode, uid, gid
+        self.memory = memory
+        self.transport: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: list[Session] = []
+        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._stopped = False
+
+    @property
+    def transport_name(self) -> str:
+        return self.transport.name if self.transport else self.requested_transport
+
+    @property
+    def session(self) -> Session:
+        """The device's wire session (its ``closed`` future ends when the kernel drops us)."""
+        return self.transport.session
+
+    def add_session(self, session: Session) -> None:
+        """Stop another wire session (e.g. a sysfs tree) together with this server."""
+        self._sessions.append(session)
+
+    def add_cleanup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await fn()`` on stop, before the device goes away (last added, first run)."""
+        self._cleanups.append(fn)
+
+    async def start(self) -> None:
+        if os.geteuid() != 0:
+            raise ServeError("must run as root (mounting FUSE / creating device nodes)")
+        self.loop = asyncio.get_running_loop()
+        if self.handler is None:
+            self.handler = load_handler(None)
+        name = choose_transport(self.requested_transport)
+        if name == "cuse":
+            from .transport.cuse import CuseTransport
+
+            self.transport = CuseTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
+                                           gid=self.gid, memory=self.memory)
+        else:
+            if not os.path.exists("/dev/fuse"):
+                raise ServeError("/dev/fuse missing: FUSE is not usable")
+            from .transport.fusefile import FuseFileTransport
+
+            self.transport = FuseFileTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
+                                               gid=self.gid)
+        try:
+            await self.transport.start()
+        except TransportError as e:
+            self.transport = None
+            raise ServeError(str(e)) from e
+        log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
+
+    async def stop(self) -> None:
+        """Idempotent: cleanups, extra sessions, then the device (node/mounts removed, fds closed)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        while self._cleanups:
+            fn = self._cleanups.pop()
+            try:
+                await fn()
+            except Exception:
+                log.exception("cleanup failed")
+        for s in self._sessions:
+            s.stop()
+        if self.transport is not None:
+            await self.transport.stop()
+
+    async def wait_closed(self) -> None:
+        """Until the kernel ends the device's connection (unmount, abort)."""
+        if self.transport is not None and self.session.closed is not None:
+            await asyncio.shield(self.session.closed)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def ready_line(server: Server) -> str:
+    return f"cusedev: {server.device_path} ready (transport={server.transport_name}, pid={os.getpid()})"
+
+
+async def serve(device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
+                on_ready: Callable[[Server], None] | None = None, **kwargs: Any) -> None:
+    """Run one device until SIGINT/SIGTERM or until the kernel drops the connection."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(device_path, transport, **kwargs)
+    try:
+        await server.start()
+        if on_ready is not None:
+            on_ready(server)
+        closed = asyncio.ensure_future(server.wait_closed())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for t in (closed, stopped):
+            t.cancel()
+        if closed.done() and not stopped.done():
+            log.warning("%s: the kernel closed the connection", device_path)
+    finally:
+        await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def print_ready(server: Server) -> None:
+    print(ready_line(server), flush=True)
+    sys.stdout.flush()

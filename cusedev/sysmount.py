@@ -1,0 +1,54 @@
+"""mount(2)/umount2(2) through ctypes, and /proc/self/mountinfo lookups."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _check(rc: int, what: str, path: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}", path)
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                       data.encode() if data is not None else None), "mount", target)
+
+
+def umount_lazy(target: str) -> None:
+    """umount2(MNT_DETACH): never blocks on a busy or dead FUSE server."""
+    _check(_libc.umount2(target.encode(), MNT_DETACH), "umount", target)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo octal-escapes space, tab, newline and backslash.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mountpoints() -> list[str]:
+    """Every mount point of this mount namespace, in mount order."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [_unescape(line.split(" ", 5)[4]) for line in f]
+
+
+def is_mountpoint(path: str) -> bool:
+    return os.path.abspath(path) in mountpoints()

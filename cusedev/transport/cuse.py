@@ -1,0 +1,258 @@
+"""The CUSE transport: a real character device served over /dev/cuse.
+
+Facts from fs/fuse/cuse.c this relies on:
+
+- Opening /dev/cuse queues CUSE_INIT (opcode 4096); the reply is
+  ``cuse_init_out`` + ``"DEVNAME=<name>\\0"``.  The kernel builds the device
+  *while our reply write() runs* (``cuse_process_init_reply``): a duplicate
+  name aborts the connection (our next read gets ENODEV).
+- ``dev_major = 0`` makes the kernel pick a dynamic major
+  (``alloc_chrdev_region``); the chosen numbers are only visible in
+  /sys/class/cuse/<name>/dev.  The node appears in devtmpfs by itself; if
+  /dev is not devtmpfs (and no udev), we mknod it from those numbers.
+- A name with ``/`` becomes a subdirectory of /dev (devtmpfs turns the
+  kobject's ``!`` back into ``/``).
+- CUSE keeps FUSE_DEFAULT_MAX_PAGES_PER_REQ (32 pages) — max_pages cannot be
+  negotiated — so an ioctl moves at most 128 KiB per direction; bigger
+  ranges are served by process_vm (see ``memory.RetryMemory``).
+- Unrestricted ioctls arrive with no data; ``RetryMemory`` answers
+  FUSE_IOCTL_RETRY with iovecs and the handler is re-run on each round.
+  The kernel does not echo the iovecs, so we remember them per calling thread.
+- READ always carries offset 0 (the handler keeps any position itself).
+- Closing the /dev/cuse fd removes the device.
+
+Paths outside /dev: the kernel device gets a derived unique name
+(``cusedev-<escaped path>``) under /dev, and at the requested path we mknod a
+second node with the same numbers — a real char device, as clients expect —
+or, on a ``nodev`` filesystem, a symlink to the /dev node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import subprocess
+from typing import Any
+
+from .. import uapi
+from ..device import CallerMemory, DeviceHandler, NeedRetry
+from ..memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
+from ..wire import NO_REPLY, Request, Session
+from . import TransportError
+from .devops import IOCTL_IN, DeviceOps
+
+log = logging.getLogger(__name__)
+
+CUSE_INIT_IN = uapi.codec("struct cuse_init_in")
+CUSE_INIT_OUT = uapi.codec("struct cuse_init_out")
+IOCTL_OUT = uapi.codec("struct fuse_ioctl_out")
+IOVEC = uapi.codec("struct fuse_ioctl_iovec")
+_pack_ioctl_out = IOCTL_OUT.struct.pack
+_pack_iovec = IOVEC.struct.pack
+
+CUSE_DEV = "/dev/cuse"
+MAX_IO = 128 * 1024
+# Per-thread retry state left by callers that died mid-retry is dropped beyond this.
+_MAX_RETRY_STATE = 4096
+
+
+def cuse_available(try_modprobe: bool = True) -> str | None:
+    """None if /dev/cuse can be opened, else why not (one line)."""
+    if not os.path.exists(CUSE_DEV) and try_modprobe:
+        try:
+            subprocess.run(["modprobe", "cuse"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        fd = os.open(CUSE_DEV, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        return f"{CUSE_DEV}: {e.strerror}"
+    os.close(fd)  # closing before CUSE_INIT is answered creates nothing
+    return None
+
+
+def devname_for(path: str) -> tuple[str, bool]:
+    """(CUSE DEVNAME, whether the kernel's node *is* ``path``)."""
+    path = os.path.abspath(path)
+    if path.startswith("/dev/") and len(path) > 5:
+        return path[5:], True
+    return "cusedev-" + path.strip("/").replace("_", "__").replace("/", "_"), False
+
+
+class CuseOps(DeviceOps):
+    """Device requests over CUSE, plus CUSE_INIT and the ioctl retry protocol."""
+
+    def __init__(self, handler: DeviceHandler, devname: str, memory: str = "retry"):
+        super().__init__(handler)
+        self.devname = devname
+        self.use_retry = memory == "retry"
+        self.session: Session | None = None
+        self.initialized: asyncio.Future[None] | None = None
+        # tid -> (fh, cmd, arg, in_ranges, out_ranges) of the RETRY we last sent it.
+        self._asked: dict[int, tuple[int, int, int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
+
+    def cuse_init(self, req: Request, body: memoryview) -> Any:
+        major, minor = CUSE_INIT_IN.struct.unpack_from(body, 0)[:2]
+        out = CUSE_INIT_OUT.encode(major=uapi.FUSE_KERNEL_VERSION,
+                                   minor=min(minor, uapi.FUSE_KERNEL_MINOR_VERSION),
+                                   flags=uapi.CUSE_UNRESTRICTED_IOCTL, max_read=MAX_IO, max_write=MAX_IO,
+                                   dev_major=0, dev_minor=0)
+        info = b"DEVNAME=" + self.devname.encode() + b"\0"
+        assert self.session is not None
+        # Reply here so the device exists when ``initialized`` fires.
+        self.session.reply(req.unique, [out, info])
+        if self.initialized is not None and not self.initialized.done():
+            self.initialized.set_result(None)
+        return NO_REPLY
+
+    def memory_for(self, req: Request, cmd: int, arg: int, flags: int, in_data: memoryview,
+                   in_size: int, out_size: int, fh: int) -> CallerMemory:
+        if not self.use_retry or not flags & uapi.FUSE_IOCTL_UNRESTRICTED:
+            return ProcessVmMemory(req.pid)
+        asked = self._asked.pop(req.pid, None)
+        if (asked is not None and asked[0] == fh and asked[1] == cmd and asked[2] == arg
+                and sum(n for _a, n in asked[3]) == in_size and sum(n for _a, n in asked[4]) == out_size):
+            return RetryMemory(req.pid, asked[3], bytes(in_data), asked[4], CUSE_MAX_IOCTL_BYTES)
+        return RetryMemory(req.pid, max_bytes=CUSE_MAX_IOCTL_BYTES)
+
+    def ioctl_reply(self, result: int, mem: CallerMemory) -> Any:
+        head = _pack_ioctl_out(result, 0, 0, 0)
+        if type(mem) is RetryMemory:
+            payload = mem.out_payload()
+            if payload:
+                return [head, payload]
+        return head
+
+    def ioctl(self, req: Request, body: memoryview) -> Any:
+        try:
+            return super().ioctl(req, body)
+        except NeedRetry as r:
+            fh, _flags, cmd, arg = IOCTL_IN.struct.unpack_from(body, 0)[:4]
+            if len(self._asked) >= _MAX_RETRY_STATE:
+                self._asked.clear()
+            self._asked[req.pid] = (fh, cmd, arg, r.in_ranges, r.out_ranges)
+            parts = [_pack_ioctl_out(0, uapi.FUSE_IOCTL_RETRY, len(r.in_ranges), len(r.out_ranges))]
+            parts += [_pack_iovec(a, n) for a, n in r.in_ranges]
+            parts += [_pack_iovec(a, n) for a, n in r.out_ranges]
+            return parts
+
+
+class CuseTransport:
+    """Serve ``handler`` as the character device ``device_path`` through CUSE."""
+
+    name = "cuse"
+
+    def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
+                 gid: int = 0, memory: str = "retry", node_timeout: float = 1.0):
+        self.device_path = os.path.abspath(device_path)
+        self.devname, self._kernel_node_is_path = devname_for(self.device_path)
+        self.dev_node = "/dev/" + self.devname
+        self.sys_dir = "/sys/class/cuse/" + self.devname.replace("/", "!")
+        self.handler = handler
+        self.mode, self.uid, self.gid = mode & 0o7777, uid, gid
+        self.ops = CuseOps(handler, self.devname, memory)
+        self.node_timeout = node_timeout
+        self.fd = -1
+        self.session: Session | None = None
+        self._made: list[str] = []  # nodes/symlinks we created, removed on stop
+
+    def _check_free(self) -> None:
+        if os.path.exists(self.sys_dir):
+            raise TransportError(f"{self.device_path}: a CUSE device named {self.devname!r} already exists "
+                                 "(another emulator?)")
+        for p in {self.device_path, self.dev_node}:
+            if os.path.lexists(p):
+                raise TransportError(f"{p}: already exists")
+        parent = os.path.dirname(self.device_path)
+        if not os.path.isdir(parent):
+            raise TransportError(f"{self.device_path}: parent directory does not exist")
+
+    def _read_devt(self) -> tuple[int, int]:
+        with open(os.path.join(self.sys_dir, "dev")) as f:
+            ma, mi = f.read().strip().split(":")
+        return int(ma), int(mi)
+
+    def _mknod(self, path: str, devt: int) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mknod(path, stat.S_IFCHR | self.mode, devt)
+        self._made.append(path)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._check_free()
+        try:
+            self.fd = os.open(CUSE_DEV, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise TransportError(f"{CUSE_DEV}: {e.strerror}") from e
+        try:
+            self.session = Session(self.fd, self.ops, name=f"cuse:{self.devname}")
+            self.ops.session = self.session
+            self.ops.initialized = loop.create_future()
+            self.session.start(loop)
+            assert self.session.closed is not None
+            await asyncio.wait([self.ops.initialized, self.session.closed], timeout=10,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not self.ops.initialized.done():
+                raise TransportError(f"{self.device_path}: no CUSE_INIT from the kernel")
+            await asyncio.sleep(0)  # let an immediate ENODEV (name refused) be read
+            if self.session.closed.done() or not os.path.exists(self.sys_dir):
+                raise TransportError(f"{self.device_path}: the kernel refused device name {self.devname!r} "
+                                     "(already registered?)")
+            devt = os.makedev(*self._read_devt())
+            await self._wait_node(devt)
+            self._fix_node(self.dev_node)
+            if not self._kernel_node_is_path:
+                self._link_path(devt)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_node(self, devt: int) -> None:
+        """devtmpfs or udev usually makes /dev/<name>; if neither does, mknod it ourselves."""
+        deadline = asyncio.get_running_loop().time() + self.node_timeout
+        while True:
+            try:
+                st = os.stat(self.dev_node)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == devt:
+                    return
+            except FileNotFoundError:
+                pass
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        log.info("%s did not appear; creating it", self.dev_node)
+        if os.path.lexists(self.dev_node):
+            raise TransportError(f"{self.dev_node}: exists but is not our device")
+        self._mknod(self.dev_node, devt)
+
+    def _fix_node(self, path: str) -> None:
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        os.chmod(path, self.mode)
+
+    def _link_path(self, devt: int) -> None:
+        parent = os.path.dirname(self.device_path)
+        if os.statvfs(parent).f_flag & os.ST_NODEV:
+            os.symlink(self.dev_node, self.device_path)
+            self._made.append(self.device_path)
+        else:
+            self._mknod(self.device_path, devt)
+            self._fix_node(self.device_path)
+
+    async def stop(self) -> None:
+        """Close the channel (the kernel removes its device), then remove nodes we made."""
+        if self.session is not None:
+            self.session.stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        while self._made:
+            p = self._made.pop()
+            try:
+                os.unlink(p)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("remove %s: %s", p, e.strerror)

@@ -1,0 +1,99 @@
+"""FUSE operations shared by the device transports: open/release/read/write/ioctl/poll → DeviceHandler.
+
+Both the FUSE-file and the CUSE device translate the same six requests the
+same way; they differ in nodes (FUSE file: a root dir and one file) and in
+how ioctl memory is reached (``memory_for``).
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+from typing import Any
+
+from .. import uapi
+from ..device import Caller, CallerMemory, DeviceHandler
+from ..memory import ProcessVmMemory
+from ..wire import Operations, Request
+
+OPEN_IN = uapi.codec("struct fuse_open_in")
+OPEN_OUT = uapi.codec("struct fuse_open_out")
+RELEASE_IN = uapi.codec("struct fuse_release_in")
+READ_IN = uapi.codec("struct fuse_read_in")
+WRITE_IN = uapi.codec("struct fuse_write_in")
+WRITE_OUT = uapi.codec("struct fuse_write_out")
+IOCTL_IN = uapi.codec("struct fuse_ioctl_in")
+IOCTL_OUT = uapi.codec("struct fuse_ioctl_out")
+
+_unpack_ioctl_in = IOCTL_IN.struct.unpack_from
+_pack_ioctl_out = IOCTL_OUT.struct.pack
+_IOCTL_IN_SIZE = IOCTL_IN.size
+
+
+def _enotty() -> OSError:
+    return OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+
+
+class DeviceOps(Operations):
+    """Requests on the device node, handed to a ``DeviceHandler``."""
+
+    #: FOPEN_* flags of every OPEN reply.
+    open_flags = 0
+
+    def __init__(self, handler: DeviceHandler):
+        self.handler = handler
+
+    # -- hooks -----------------------------------------------------------
+    def check_node(self, req: Request) -> None:
+        """Raise if ``req.nodeid`` is not the device node (FUSE file: EISDIR on the root)."""
+
+    def memory_for(self, req: Request, cmd: int, arg: int, flags: int, in_data: memoryview,
+                   in_size: int, out_size: int, fh: int) -> CallerMemory:
+        return ProcessVmMemory(req.pid)
+
+    def ioctl_reply(self, result: int, mem: CallerMemory) -> Any:
+        return _pack_ioctl_out(result, 0, 0, 0)
+
+    # -- requests --------------------------------------------------------
+    def open(self, req: Request, body: memoryview) -> Any:
+        self.check_node(req)
+        flags = OPEN_IN.struct.unpack_from(body, 0)[0]
+        fh = self.handler.open(Caller(req.pid, req.uid, req.gid), flags)
+        return OPEN_OUT.struct.pack(fh, self.open_flags, 0)
+
+    def release(self, req: Request, body: memoryview) -> Any:
+        self.handler.release(RELEASE_IN.struct.unpack_from(body, 0)[0])
+        return None
+
+    def flush(self, req: Request, body: memoryview) -> Any:
+        return None
+
+    def read(self, req: Request, body: memoryview) -> Any:
+        fh, _off, size = READ_IN.struct.unpack_from(body, 0)[:3]
+        return self.handler.read(fh, Caller(req.pid, req.uid, req.gid), size)
+
+    def write(self, req: Request, body: memoryview) -> Any:
+        fh, _off, size = WRITE_IN.struct.unpack_from(body, 0)[:3]
+        data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
+        n = self.handler.write(fh, Caller(req.pid, req.uid, req.gid), data)
+        return WRITE_OUT.struct.pack(n, 0)
+
+    def poll(self, req: Request, body: memoryview) -> Any:
+        """ENOSYS: the kernel then answers DEFAULT_POLLMASK, as for a device without ->poll."""
+        raise OSError(errno.ENOSYS, "no poll")
+
+    def ioctl(self, req: Request, body: memoryview) -> Any:
+        fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
+        if flags & uapi.FUSE_IOCTL_COMPAT:
+            raise _enotty()  # no compat_ioctl on the real device
+        mem = self.memory_for(req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size],
+                              in_size, out_size, fh)
+        res = self.handler.ioctl(fh, Caller(req.pid, req.uid, req.gid), cmd, arg, mem)
+        if type(res) is int:
+            return self.ioctl_reply(res, mem)
+        if inspect.isawaitable(res):
+            return self._ioctl_later(res, mem)
+        return self.ioctl_reply(int(res), mem)
+
+    async def _ioctl_later(self, aw: Any, mem: CallerMemory) -> Any:
+        return self.ioctl_reply(int(await aw), mem)

@@ -1,0 +1,277 @@
+"""The FUSE-file fallback: the device as a regular file of a one-file FUSE mount, bind-mounted at the path.
+
+For hosts without CUSE.  We mount our own /dev/fuse connection on a private
+directory (/run/cusedev/<name>/mnt) serving a root directory with one file,
+``device``, and bind-mount that file over the device path (an empty file we
+create if missing).  Clients open the path and get a FUSE regular file:
+
+- GETATTR reports S_IFREG with the node's mode/uid/gid, never S_IFCHR (the
+  kernel would then open the *real* device number).  ``default_permissions``
+  makes the kernel enforce the mode, like a device node's.
+- OPEN replies FOPEN_DIRECT_IO so every read/write reaches us.
+- IOCTL arrives restricted (flags=0): for the LUO ``_IO`` commands in_size =
+  out_size = 0 and ``arg`` is the caller's raw pointer, reached with
+  process_vm_readv/writev.  Deviation for commands with _IOC_WRITE bits: the
+  kernel copies ``_IOC_SIZE`` bytes in before we see the request, so an
+  unreadable ``arg`` gives the caller EFAULT from the kernel even where the
+  real device would have failed earlier (e.g. ENOTTY/EINVAL); we ignore the
+  pre-copied bytes and still read through process_vm.
+- POLL → ENOSYS, so the kernel answers the default mask (the LUO device has
+  no poll handler).
+- SETATTR behaves like a char device node: chmod/chown/utimes apply to the
+  node (the kernel checks ownership first), truncate()/ftruncate() → EINVAL
+  (vfs_truncate refuses non-regular files).  O_TRUNC on open is ignored
+  (FUSE_ATOMIC_O_TRUNC, so no separate truncate is sent), as for a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+from .. import sysmount, uapi
+from ..device import DeviceHandler
+from ..wire import Request, Session
+from . import TransportError
+from .devops import DeviceOps
+
+log = logging.getLogger(__name__)
+
+ENTRY_OUT = uapi.codec("struct fuse_entry_out")
+ATTR_OUT = uapi.codec("struct fuse_attr_out")
+SETATTR_IN = uapi.codec("struct fuse_setattr_in")
+READ_IN = uapi.codec("struct fuse_read_in")
+OPEN_OUT = uapi.codec("struct fuse_open_out")
+DIRENT = uapi.codec("struct fuse_dirent")
+
+ROOT_ID = uapi.FUSE_ROOT_ID
+DEVICE_ID = 2
+DEVICE_NAME = "device"
+RUN_DIR = "/run/cusedev"
+# Attributes only change through our own SETATTR replies, so let the kernel cache them.
+_TTL = 86400
+
+
+class Node:
+    """The device file's attributes (what GETATTR reports and default_permissions enforces)."""
+
+    __slots__ = ("mode", "uid", "gid", "atime", "mtime", "ctime")
+
+    def __init__(self, mode: int = 0o600, uid: int = 0, gid: int = 0):
+        now = int(time.time())
+        self.mode = mode & 0o7777
+        self.uid = uid
+        self.gid = gid
+        self.atime = self.mtime = self.ctime = now
+
+
+class FuseFileOps(DeviceOps):
+    """Root directory (nodeid 1) holding the device file (nodeid 2)."""
+
+    open_flags = uapi.FOPEN_DIRECT_IO
+    init_flags = uapi.FUSE_ATOMIC_O_TRUNC
+
+    def __init__(self, handler: DeviceHandler, node: Node):
+        super().__init__(handler)
+        self.node = node
+        self._root_time = int(time.time())
+
+    def _attr(self, nodeid: int) -> dict[str, Any]:
+        if nodeid == ROOT_ID:
+            t = self._root_time
+            return {"attr.ino": ROOT_ID, "attr.mode": stat.S_IFDIR | 0o755, "attr.nlink": 2,
+                    "attr.atime": t, "attr.mtime": t, "attr.ctime": t, "attr.blksize": 4096}
+        if nodeid == DEVICE_ID:
+            n = self.node
+            return {"attr.ino": DEVICE_ID, "attr.mode": stat.S_IFREG | n.mode, "attr.nlink": 1,
+                    "attr.uid": n.uid, "attr.gid": n.gid, "attr.atime": n.atime, "attr.mtime": n.mtime,
+                    "attr.ctime": n.ctime, "attr.blksize": 4096}
+        raise OSError(errno.ENOENT, "no such node")
+
+    def check_node(self, req: Request) -> None:
+        if req.nodeid != DEVICE_ID:
+            raise OSError(errno.EISDIR, "is a directory")
+
+    # -- namespace ------------------------------------------------------
+    def lookup(self, req: Request, body: memoryview) -> Any:
+        name = bytes(body).split(b"\0", 1)[0]
+        if req.nodeid != ROOT_ID or name != DEVICE_NAME.encode():
+            raise OSError(errno.ENOENT, "no such file")
+        return ENTRY_OUT.encode(nodeid=DEVICE_ID, entry_valid=_TTL, attr_valid=_TTL, **self._attr(DEVICE_ID))
+
+    def getattr(self, req: Request, body: memoryview) -> Any:
+        return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(req.nodeid))
+
+    def setattr(self, req: Request, body: memoryview) -> Any:
+        if req.nodeid != DEVICE_ID:
+            raise OSError(errno.EPERM, "read-only root")
+        f = SETATTR_IN.decode(body)
+        valid = f["valid"]
+        if valid & uapi.FATTR_SIZE:
+            raise OSError(errno.EINVAL, "cannot truncate a device")
+        n = self.node
+        now = int(time.time())
+        if valid & uapi.FATTR_MODE:
+            n.mode = f["mode"] & 0o7777
+        if valid & uapi.FATTR_UID:
+            n.uid = f["uid"]
+        if valid & uapi.FATTR_GID:
+            n.gid = f["gid"]
+        if valid & uapi.FATTR_ATIME:
+            n.atime = now if valid & uapi.FATTR_ATIME_NOW else f["atime"]
+        if valid & uapi.FATTR_MTIME:
+            n.mtime = now if valid & uapi.FATTR_MTIME_NOW else f["mtime"]
+        n.ctime = now
+        return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(DEVICE_ID))
+
+    def opendir(self, req: Request, body: memoryview) -> Any:
+        if req.nodeid != ROOT_ID:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return OPEN_OUT.struct.pack(0, 0, 0)
+
+    def readdir(self, req: Request, body: memoryview) -> Any:
+        _fh, offset, size = READ_IN.struct.unpack_from(body, 0)[:3]
+        entries = ((ROOT_ID, b".", stat.S_IFDIR), (ROOT_ID, b"..", stat.S_IFDIR),
+                   (DEVICE_ID, DEVICE_NAME.encode(), stat.S_IFREG))
+        out = bytearray()
+        for i, (ino, name, fmt) in enumerate(entries, 1):
+            if i <= offset:
+                continue
+            rec = DIRENT.struct.pack(ino, i, len(name), fmt >> 12) + name
+            rec += b"\0" * (-len(rec) % 8)
+            if len(out) + len(rec) > size:
+                break
+            out += rec
+        return bytes(out)
+
+    def releasedir(self, req: Request, body: memoryview) -> Any:
+        return None
+
+    def statfs(self, req: Request, body: memoryview) -> Any:
+        return bytes(uapi.codec("struct fuse_statfs_out").size)
+
+
+def _escape(path: str) -> str:
+    """A directory name for ``path`` (unique per absolute path, readable)."""
+    return path.strip("/").replace("_", "__").replace("/", "_") or "_"
+
+
+class FuseFileTransport:
+    """Serve ``handler`` as a FUSE regular file bind-mounted at ``device_path``."""
+
+    name = "fuse"
+
+    def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
+                 gid: int = 0, run_dir: str = RUN_DIR):
+        self.device_path = os.path.abspath(device_path)
+        self.handler = handler
+        self.node = Node(mode, uid, gid)
+        self.ops = FuseFileOps(handler, self.node)
+        self.private_dir = os.path.join(run_dir, _escape(self.device_path))
+        self.mnt = os.path.join(self.private_dir, "mnt")
+        self.fd = -1
+        self.session: Session | None = None
+        self._created_file = False
+        self._mounted = False
+        self._bound = False
+        self._made_dirs: list[str] = []
+
+    # -- checks ----------------------------------------------------------
+    def _claim_path(self) -> None:
+        """Make sure ``device_path`` is an empty regular file nobody uses; create it if missing."""
+        p = self.device_path
+        parent = os.path.dirname(p)
+        if not os.path.isdir(parent):
+            raise TransportError(f"{p}: parent directory does not exist")
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            self._created_file = True
+            return
+        try:
+            st = os.lstat(p)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise TransportError(f"{p}: in use by a dead FUSE server (umount -l {p})") from e
+            raise TransportError(f"{p}: {e.strerror}") from e
+        if sysmount.is_mountpoint(p):
+            raise TransportError(f"{p}: already in use (something is mounted there, another emulator?)")
+        if stat.S_ISCHR(st.st_mode):
+            raise TransportError(f"{p}: a character device already exists there")
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            raise TransportError(f"{p}: exists and is not an empty regular file")
+
+    def _make_private_dir(self) -> None:
+        if sysmount.is_mountpoint(self.mnt):
+            raise TransportError(f"{self.device_path}: already served (mount at {self.mnt})")
+        os.makedirs(os.path.dirname(self.private_dir), mode=0o700, exist_ok=True)
+        for d in (self.private_dir, self.mnt):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        # Ours by name even if a crashed run left them: remove them on stop.
+        self._made_dirs = [self.private_dir, self.mnt]
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise TransportError(f"/dev/fuse: {e.strerror}") from e
+        try:
+            self._claim_path()
+            self._make_private_dir()
+            opts = (f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
+                    "default_permissions")
+            # The fd reads EPERM until mounted, so serve only afterwards; mount(2) itself
+            # does not wait for FUSE_INIT (it is queued), but run it in a thread anyway.
+            await loop.run_in_executor(None, sysmount.mount, "cusedev", self.mnt, "fuse.cusedev",
+                                       sysmount.MS_NOSUID | sysmount.MS_NODEV, opts)
+            self._mounted = True
+            self.session = Session(self.fd, self.ops, name=f"fuse:{self.device_path}")
+            self.session.start(loop)
+            # In a thread: the bind's path lookup waits on requests this loop must answer.
+            await loop.run_in_executor(None, sysmount.mount, os.path.join(self.mnt, DEVICE_NAME),
+                                       self.device_path, None, sysmount.MS_BIND, None)
+            self._bound = True
+        except OSError as e:
+            await self.stop()
+            raise TransportError(f"{self.device_path}: {e.strerror or e}") from e
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Lazy-unmount bind and FUSE mounts, close the connection, remove what we created."""
+        loop = asyncio.get_running_loop()
+        for flag, target in (("_bound", self.device_path), ("_mounted", self.mnt)):
+            if getattr(self, flag):
+                setattr(self, flag, False)
+                try:
+                    await loop.run_in_executor(None, sysmount.umount_lazy, target)
+                except OSError as e:
+                    log.warning("umount %s: %s", target, e.strerror)
+        if self.session is not None:
+            self.session.stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._created_file:
+            self._created_file = False
+            try:
+                os.unlink(self.device_path)
+            except OSError as e:
+                log.warning("remove %s: %s", self.device_path, e.strerror)
+        while self._made_dirs:
+            d = self._made_dirs.pop()
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
