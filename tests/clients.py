@@ -17,7 +17,14 @@ from cusedev.client import LiveUpdateDevice
 ROOT = Path(__file__).resolve().parent.parent
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 PAGE = mmap.PAGESIZE
@@ -26,7 +33,17 @@ PAGE = mmap.PAGESIZE
 def build_c_runner(outdir: Path) -> Path:
     exe = outdir / "luo_runner"
     subprocess.run(
-        ["gcc", "-O2", "-Wall", "-Werror", "-I", str(ROOT / "cdefs"), "-o", str(exe), str(ROOT / "tests/c/luo_runner.c")],
+        [
+            "gcc",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-I",
+            str(ROOT / "cdefs"),
+            "-o",
+            str(exe),
+            str(ROOT / "tests/c/luo_runner.c"),
+        ],
         check=True,
     )
     return exe

@@ -11,7 +11,6 @@ import os
 import struct
 
 import pytest
-
 from _server import ServerProc
 from clients import CClient, PyClient, build_c_runner
 
@@ -21,7 +20,12 @@ from cusedev.client import LiveUpdateDevice, State
 U = uapi
 GS = U.LIVEUPDATE_IOCTL_GET_STATE
 NORMAL, PREPARED, FROZEN = U.LIVEUPDATE_STATE_NORMAL, U.LIVEUPDATE_STATE_PREPARED, U.LIVEUPDATE_STATE_FROZEN
-PREPARE, FREEZE, FINISH, CANCEL = U.LIVEUPDATE_PREPARE, U.LIVEUPDATE_FREEZE, U.LIVEUPDATE_FINISH, U.LIVEUPDATE_CANCEL
+PREPARE, FREEZE, FINISH, CANCEL = (
+    U.LIVEUPDATE_PREPARE,
+    U.LIVEUPDATE_FREEZE,
+    U.LIVEUPDATE_FINISH,
+    U.LIVEUPDATE_CANCEL,
+)
 
 
 def enc(name: str, **kw: int) -> bytes:
@@ -66,7 +70,9 @@ class Luo:
         return self.c.ioctl(U.LIVEUPDATE_IOCTL_FD_RESTORE, enc("fd_restore", token=token))
 
     def fd_state(self, token: int, incoming: int = 0):
-        return self.c.ioctl(U.LIVEUPDATE_IOCTL_GET_FD_STATE, enc("get_fd_state", token=token, incoming=incoming))
+        return self.c.ioctl(
+            U.LIVEUPDATE_IOCTL_GET_FD_STATE, enc("get_fd_state", token=token, incoming=incoming)
+        )
 
     def fd_state_ok(self, token: int, incoming: int = 0) -> int:
         return dec("get_fd_state", ok(self.fd_state(token, incoming)))["state"]
