@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: Parse order matters: types.h (cffi-only typedefs) must come first.
-CDEF_FILES: tuple[str, ...] = ("types.h", "luo_v3.h", "fuse.h")
+CDEF_FILES: tuple[str, ...] = ("types.h", "luo_v3.h", "fuse.h", "seccomp.h")
 
 
 def _cdefs_dir() -> Any:
