@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
+import json
 import logging
 import pwd
 import sys
@@ -73,7 +74,59 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve]
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="/dev/liveupdate", metavar="PATH",
+                   help="the emulator's device path (default %(default)s)")
+
+
+def _control(device: str, cmd: str) -> dict:
+    from .control import ControlError, request
+
+    try:
+        return request(device, cmd)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+
+
+# -- status ------------------------------------------------------------------
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show the emulator's state, counter, files and opener")
+    _device_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from .runtime import format_status
+
+    st = _control(args.device, "status")
+    if args.json:
+        st.pop("ok", None)
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(format_status(st))
+    return 0
+
+
+# -- kexec -------------------------------------------------------------------
+def _add_kexec(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kexec", help="what reboot(LINUX_REBOOT_CMD_KEXEC) does, on the emulated machine")
+    _device_arg(p)
+    p.set_defaults(func=_run_kexec)
+
+
+def _run_kexec(args: argparse.Namespace) -> int:
+    r = _control(args.device, "kexec")
+    if not r.get("ok"):
+        print(f"cusedev: kexec failed: {r.get('error')} (errno {r.get('errno')}); state is back to normal",
+              file=sys.stderr)
+        return 1
+    kind = "live update" if r["live"] else "plain kexec"
+    print(f"{kind}: state={r['state']} update_count={r['update_count']}")
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_status, _add_kexec]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,6 +85,7 @@ class Server:
         self._sessions: list[Session] = []
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stopped = False
+        self.runtime: Any = None
 
     @property
     def transport_name(self) -> str:
@@ -129,6 +130,21 @@ class Server:
             raise ServeError(str(e)) from e
         log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
 
+    async def start_runtime(self) -> Any:
+        """The control plane (control socket, kexec, `cusedev run` supervision) beside the device."""
+        from .control import ControlError
+        from .handles import LiveUpdateDevice
+        from .runtime import Runtime
+
+        if not isinstance(self.handler, LiveUpdateDevice):
+            return None
+        self.runtime = Runtime(self, self.handler, gid=self.gid)
+        try:
+            await self.runtime.start()
+        except ControlError as e:
+            raise ServeError(str(e)) from e
+        return self.runtime
+
     async def stop(self) -> None:
         """Idempotent: cleanups, extra sessions, then the device (node/mounts removed, fds closed)."""
         if self._stopped:
@@ -172,6 +188,7 @@ async def serve(device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
     server = Server(device_path, transport, **kwargs)
     try:
         await server.start()
+        await server.start_runtime()
         if on_ready is not None:
             on_ready(server)
         closed = asyncio.ensure_future(server.wait_closed())
