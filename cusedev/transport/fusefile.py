@@ -73,7 +73,7 @@ class Node:
 class FuseFileOps(DeviceOps):
     """Root directory (nodeid 1) holding the device file (nodeid 2)."""
 
-    open_flags = uapi.FOPEN_DIRECT_IO
+    open_flags = uapi.FOPEN_DIRECT_IO | uapi.FOPEN_NOFLUSH  # no FLUSH round trip: the device has no ->flush
     init_flags = uapi.FUSE_ATOMIC_O_TRUNC
 
     def __init__(self, handler: DeviceHandler, node: Node):

@@ -1,0 +1,164 @@
+"""Start ``cusedev serve`` in a subprocess for tests, and clean up whatever it leaves even on failure.
+
+Use from a test module::
+
+    from _server import ServerProc, served_device  # noqa: F401  (fixture)
+
+``served_device`` yields a running ``ServerProc`` on a unique path under the
+test's tmp dir with the transport under test.  ``ServerProc(...).start()``
+for anything else; always pair with ``stop()``/``kill()`` (``ServerProc`` is
+a context manager).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "30"))
+
+
+def _escape(path: str) -> str:
+    return path.strip("/").replace("_", "__").replace("/", "_") or "_"
+
+
+def mounts_mentioning(*paths: str) -> list[str]:
+    """Lines of /proc/mounts whose mount point is one of ``paths`` (or below /run/cusedev/<them>)."""
+    wanted = set(paths) | {f"/run/cusedev/{_escape(p)}/mnt" for p in paths}
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            mp = line.split()[1].replace("\\040", " ")
+            if mp in wanted:
+                out.append(line.strip())
+    return out
+
+
+def force_cleanup(path: str) -> None:
+    """Lazy-unmount anything a crashed server left at ``path`` and its private mount; drop its dirs."""
+    private = f"/run/cusedev/{_escape(path)}"
+    for mp in (path, f"{private}/mnt"):
+        for _ in range(4):  # stacked mounts from repeated failures
+            if subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL).returncode != 0:
+                break
+    for d in (f"{private}/mnt", private):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+class ServerProc:
+    """One ``cusedev serve`` subprocess."""
+
+    def __init__(self, device: str, transport: str, *args: str, env: dict[str, str] | None = None,
+                 preexec_fn=None, cleanup: bool = True):  # type: ignore[no-untyped-def]
+        self.device = device
+        self.cleanup = cleanup  # False for a server expected to fail on a path another one serves
+        self.transport = transport
+        self.argv = [sys.executable, "-m", "cusedev.cli", "serve", "--device", device,
+                     "--transport", transport, *args]
+        self.env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    **(env or {})}
+        self.preexec_fn = preexec_fn
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_line = ""
+        self._stderr = b""
+
+    def start(self, timeout: float = READY_TIMEOUT, expect_ready: bool = True) -> ServerProc:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                     cwd=str(REPO), preexec_fn=self.preexec_fn)
+        if not expect_ready:
+            return self
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise AssertionError(f"no ready line within {timeout}s; stderr: {self.stderr()}")
+            r, _, _ = select.select([self.proc.stdout], [], [], left)
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    rc = self.proc.wait()
+                    raise AssertionError(f"server exited {rc} before ready; stderr: {self.stderr()}")
+                buf += chunk
+        self.ready_line = buf.decode().splitlines()[0]
+        return self
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        """Everything the server wrote to stderr (only complete once it exited)."""
+        if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
+            self._stderr += self.proc.stderr.read()
+            self.proc.stderr.close()
+            self.proc.stderr = None
+        return self._stderr.decode(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server and wait; returns its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.cleanup:
+            force_cleanup(self.device)
+
+    def __enter__(self) -> ServerProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stop(timeout=10)  # let it clean up after itself first
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A fresh directory every user can traverse (pytest's tmp_path is 0700: non-root tests need this)."""
+    d = Path(tempfile.mkdtemp(prefix="cusedev-test-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for p in d.iterdir():
+            force_cleanup(str(p))
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def served_device(public_dir: Path, transport_name: str) -> Iterator[ServerProc]:
+    """A running emulator at ``<public_dir>/liveupdate`` on the transport under test."""
+    with ServerProc(str(public_dir / "liveupdate"), transport_name) as srv:
+        srv.start()
+        yield srv
