@@ -60,6 +60,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", default="root", help="node group (default %(default)s)")
     p.add_argument("--memory", choices=("retry", "process_vm"), default="retry",
                    help="CUSE ioctl memory: FUSE_IOCTL_RETRY iovecs or process_vm_* (default %(default)s)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the emulated machine's state (and preserved bytes after a kexec) in DIR")
     p.add_argument("--handler", metavar="MODULE:FACTORY", help=argparse.SUPPRESS)  # tests: a stub device
     p.set_defaults(func=_run_serve)
 
@@ -70,7 +72,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     uid, gid = _uid(args.owner), _gid(args.group)
     handler = load_handler(args.handler) if args.handler else None
     asyncio.run(serve(args.device, args.transport, on_ready=print_ready, handler=handler, mode=args.mode,
-                      uid=uid, gid=gid, memory=args.memory))
+                      uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir))
     return 0
 
 

@@ -74,7 +74,7 @@ class Server:
 
     def __init__(self, device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
                  handler: DeviceHandler | None = None, mode: int = 0o600, uid: int = 0, gid: int = 0,
-                 memory: str = "retry"):
+                 memory: str = "retry", state_dir: str | None = None):
         self.device_path = os.path.abspath(device_path)
         self.requested_transport = transport
         self.handler = handler
@@ -86,6 +86,7 @@ class Server:
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stopped = False
         self.runtime: Any = None
+        self.state_dir = state_dir
 
     @property
     def transport_name(self) -> str:
@@ -110,6 +111,13 @@ class Server:
         self.loop = asyncio.get_running_loop()
         if self.handler is None:
             self.handler = load_handler(None)
+        if self.state_dir is not None:
+            from .statedir import StateDir
+
+            try:
+                StateDir(self.state_dir, self.handler.core).attach()  # type: ignore[attr-defined]
+            except (OSError, ValueError) as e:
+                raise ServeError(f"--state-dir {self.state_dir}: {e}") from e
         name = choose_transport(self.requested_transport)
         if name == "cuse":
             from .transport.cuse import CuseTransport
