@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from . import abi, pidfd
@@ -97,6 +97,8 @@ class LiveUpdateDevice:
         self.opener: Session | None = None
         self.installer: FdInstaller | None = None
         self.on_open: list[Callable[[Caller], None]] = []
+        #: wraps every ioctl when set (tracing, fault injection); None keeps the hot path bare
+        self.interceptor: Callable[..., int | Awaitable[int]] | None = None
         self.opener_tid = 0
         self._next_fh = 1
         self._warned = False
@@ -119,11 +121,19 @@ class LiveUpdateDevice:
             self.opener = None
             self.core.drop_outgoing()
 
-    def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
+    def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int | Awaitable[int]:
+        if self.interceptor is not None:
+            return self.interceptor(self, fh, caller, cmd, arg, mem)
+        return self.run_ioctl(fh, caller, cmd, arg, mem)
+
+    def run_ioctl(
+        self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory, rec: dict | None = None
+    ) -> int:
+        """The ioctl itself; an interceptor (tracing, fault injection) calls this with a ``rec``."""
         s = self.sessions.get(fh)
         if s is None or s.revoked:
             raise fail(errno.ENODEV)
-        return dispatch(self.ops, s, caller, cmd, arg, mem)
+        return dispatch(self.ops, s, caller, cmd, arg, mem, rec)
 
     def read(self, fh: int, caller: Caller, size: int) -> bytes:
         raise einval()

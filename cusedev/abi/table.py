@@ -100,14 +100,25 @@ def _check_zero_tail(mem: CallerMemory, addr: int, length: int) -> None:
         addr += n
 
 
-def dispatch(table: Sequence[Op], ctx: Any, caller: Any, cmd: int, arg: int, mem: CallerMemory) -> int:
-    """Run one ioctl against ``table``; returns 0 or raises OSError(errno)."""
+def dispatch(
+    table: Sequence[Op], ctx: Any, caller: Any, cmd: int, arg: int, mem: CallerMemory, rec: dict | None = None
+) -> int:
+    """Run one ioctl against ``table``; returns 0 or raises OSError(errno).
+
+    ``rec`` (tracing only) receives what was seen: ``op``, ``size``, ``in`` (the
+    struct as copied in) and ``out`` (the bytes written back), as far as the call got.
+    """
     nr = cmd & 0xFF
     if nr >= len(table):
         raise fail(errno.EINVAL)
     op = table[nr]
+    if rec is not None:
+        rec["op"] = op
     data = mem.peek(arg, op.size, 4)
     (size,) = _U32.unpack_from(data)
+    if rec is not None:
+        rec["size"] = size
+        rec["in"] = data[: min(size, op.size)]
     if cmd != op.cmd:
         raise fail(errno.ENOTTY)
     if size < op.min_size:
@@ -122,11 +133,15 @@ def dispatch(table: Sequence[Op], ctx: Any, caller: Any, cmd: int, arg: int, mem
         data = data[:n]
     if n < op.size:
         data = data + bytes(op.size - n)
+    if rec is not None:
+        rec["in"] = data[:n]
     out = op.handler(ctx, caller, op.unpack(data))
     if out:
         buf = bytearray(data)
         for fname, value in out.items():
             off, codec = op.outputs[fname]
             codec.pack_into(buf, off, value)
+        if rec is not None:
+            rec["out"] = bytes(buf[:n])
         mem.write(arg, bytes(buf[:n]))
     return 0
