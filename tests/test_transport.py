@@ -303,3 +303,31 @@ def test_round_trip_latency(served_device: ServerProc) -> None:
     times.sort()
     limit = 0.002 if os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse") == "cuse" else 0.0005
     assert times[len(times) // 2] < limit, times[len(times) // 2]
+
+
+def test_server_in_process(public_dir: Path, transport_name: str) -> None:
+    """The Python API other front ends use: Server on the caller's loop, clients in threads."""
+    import asyncio
+
+    from cusedev.server import Server
+
+    path = str(public_dir / "inproc")
+
+    def client() -> tuple[int, int]:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            r, out = get_state(fd)
+            return r, struct.unpack("II", out)[1]
+        finally:
+            os.close(fd)
+
+    async def main() -> None:
+        async with Server(path, transport_name) as srv:
+            assert srv.transport_name == transport_name
+            assert await asyncio.to_thread(client) == (0, NORMAL)
+        assert not os.path.lexists(path) and mounts_mentioning(path) == []
+
+    try:
+        asyncio.run(main())
+    finally:
+        force_cleanup(path)

@@ -204,6 +204,7 @@ class CuseTransport:
                                      "(already registered?)")
             devt = os.makedev(*self._read_devt())
             await self._wait_node(devt)
+            await self._udev_settle()
             self._fix_node(self.dev_node)
             if not self._kernel_node_is_path:
                 self._link_path(devt)
@@ -228,6 +229,17 @@ class CuseTransport:
         if os.path.lexists(self.dev_node):
             raise TransportError(f"{self.dev_node}: exists but is not our device")
         self._mknod(self.dev_node, devt)
+
+    async def _udev_settle(self) -> None:
+        """If udev runs, let it finish with our ADD uevent first: its default rules would reset the mode."""
+        if not os.path.exists("/run/udev/control"):
+            return
+        try:
+            proc = await asyncio.create_subprocess_exec("udevadm", "settle", "--timeout=5",
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.wait_for(proc.wait(), 10)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
     def _fix_node(self, path: str) -> None:
         os.chown(path, self.uid, self.gid, follow_symlinks=False)
