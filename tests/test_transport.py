@@ -331,3 +331,14 @@ def test_server_in_process(public_dir: Path, transport_name: str) -> None:
         asyncio.run(main())
     finally:
         force_cleanup(path)
+
+
+def test_auto_transport(public_dir: Path, transport_name: str) -> None:
+    """``--transport auto`` picks CUSE where it exists, else the FUSE file with exactly one warning line."""
+    path = str(public_dir / "auto")
+    with ServerProc(path, "auto") as srv:
+        srv.start()
+        assert f"transport={transport_name}," in srv.ready_line
+        assert srv.stop() == 0
+        warnings = [line for line in srv.stderr().splitlines() if "CUSE" in line]
+        assert len(warnings) == (1 if transport_name == "fuse" else 0), srv.stderr()
