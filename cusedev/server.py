@@ -74,7 +74,8 @@ class Server:
 
     def __init__(self, device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
                  handler: DeviceHandler | None = None, mode: int = 0o600, uid: int = 0, gid: int = 0,
-                 memory: str = "retry", state_dir: str | None = None):
+                 memory: str = "retry", state_dir: str | None = None, sysfs: str | None = None,
+                 sysfs_root: str | None = None):
         self.device_path = os.path.abspath(device_path)
         self.requested_transport = transport
         self.handler = handler
@@ -87,6 +88,9 @@ class Server:
         self._stopped = False
         self.runtime: Any = None
         self.state_dir = state_dir
+        #: sysfs tree: None (none), "auto", "fuse" or "files"; root default <runtime dir>/sys
+        self.sysfs_mode, self.sysfs_root = sysfs, sysfs_root
+        self.sysfs: Any = None
 
     @property
     def transport_name(self) -> str:
@@ -137,6 +141,28 @@ class Server:
             self.transport = None
             raise ServeError(str(e)) from e
         log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
+        if self.sysfs_mode is not None:
+            try:
+                await self.start_sysfs(self.sysfs_mode, self.sysfs_root)
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def start_sysfs(self, mode: str = "auto", root: str | None = None) -> Any:
+        """The sysfs tree (kernel/liveupdate/...) at ``root`` on this loop, removed on stop."""
+        from . import paths
+        from .sysfs import SysfsError, start_sysfs
+
+        core = getattr(self.handler, "core", None)
+        if core is None:
+            return None  # a stub handler: nothing to show
+        root = root or os.path.join(paths.runtime_dir(self.device_path), "sys")
+        try:
+            self.sysfs = await start_sysfs(root, core, mode)
+        except SysfsError as e:
+            raise ServeError(str(e)) from e
+        self.add_cleanup(self.sysfs.stop)
+        return self.sysfs
 
     async def start_runtime(self) -> Any:
         """The control plane (control socket, kexec, `cusedev run` supervision) beside the device."""
