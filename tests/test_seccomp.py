@@ -76,7 +76,7 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def call(self, coro: Awaitable[Any], timeout: float = 5.0) -> Any:
+    def call(self, coro: Awaitable[Any], timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def stop(self) -> None:
@@ -92,7 +92,7 @@ def loop_thread() -> Iterator[LoopThread]:
     lt.stop()
 
 
-def wait_exit(pid: int, timeout: float = 8.0) -> int:
+def wait_exit(pid: int, timeout: float = 30.0) -> int:
     """waitpid with a deadline (SIGKILL on expiry, so a bug fails the test instead of hanging it)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -140,7 +140,7 @@ class Run:
         """Wait for the child, then for the listener's HUP; return the child's report."""
         code = wait_exit(self.pid)
         assert code == 0, f"child exited {code}"
-        self.lt.call(asyncio.wait_for(self.sup.wait_closed(), 5))
+        self.lt.call(asyncio.wait_for(self.sup.wait_closed(), 20))
         return json.loads(self.out.read_text())
 
 
