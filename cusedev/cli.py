@@ -62,6 +62,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="CUSE ioctl memory: FUSE_IOCTL_RETRY iovecs or process_vm_* (default %(default)s)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="keep the emulated machine's state (and preserved bytes after a kexec) in DIR")
+    p.add_argument("--sysfs-root", metavar="DIR",
+                   help="serve kernel/liveupdate/{state,update_count} under DIR "
+                        "(default /run/cusedev/<device name>/sys)")
+    p.add_argument("--sysfs", choices=("auto", "fuse", "files"), default="auto",
+                   help="sysfs tree: a pollable FUSE mount, or plain files replaced atomically (no poll); "
+                        "auto: FUSE if usable (default %(default)s)")
+    p.add_argument("--no-sysfs", dest="sysfs", action="store_const", const=None, help="no sysfs tree")
     p.add_argument("--handler", metavar="MODULE:FACTORY", help=argparse.SUPPRESS)  # tests: a stub device
     p.set_defaults(func=_run_serve)
 
@@ -72,7 +79,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     uid, gid = _uid(args.owner), _gid(args.group)
     handler = load_handler(args.handler) if args.handler else None
     asyncio.run(serve(args.device, args.transport, on_ready=print_ready, handler=handler, mode=args.mode,
-                      uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir))
+                      uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir, sysfs=args.sysfs,
+                      sysfs_root=args.sysfs_root))
     return 0
 
 

@@ -35,7 +35,7 @@ def _escape(path: str) -> str:
 
 def mounts_mentioning(*paths: str) -> list[str]:
     """Lines of /proc/mounts whose mount point is one of ``paths`` (or below /run/cusedev/<them>)."""
-    wanted = set(paths) | {f"/run/cusedev/{_escape(p)}/mnt" for p in paths}
+    wanted = set(paths) | {f"/run/cusedev/{_escape(p)}/{sub}" for p in paths for sub in ("mnt", "sys")}
     out = []
     with open("/proc/mounts") as f:
         for line in f:
@@ -48,11 +48,11 @@ def mounts_mentioning(*paths: str) -> list[str]:
 def force_cleanup(path: str) -> None:
     """Lazy-unmount anything a crashed server left at ``path`` and its private mount; drop its dirs."""
     private = f"/run/cusedev/{_escape(path)}"
-    for mp in (path, f"{private}/mnt"):
+    for mp in (path, f"{private}/mnt", f"{private}/sys"):
         for _ in range(4):  # stacked mounts from repeated failures
             if subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL).returncode != 0:
                 break
-    for d in (f"{private}/mnt", private):
+    for d in (f"{private}/mnt", f"{private}/sys", private):
         try:
             os.rmdir(d)
         except OSError:
