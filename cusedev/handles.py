@@ -14,13 +14,14 @@ import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import abi, pidfd
 from .abi.table import dispatch
 from .core import LiveUpdateCore, fail
 from .device import Caller, CallerMemory, einval
 from .files import ShmemFile, check_usable
+from .inject import Injector
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class LiveUpdateDevice:
         self.on_open: list[Callable[[Caller], None]] = []
         #: wraps every ioctl when set (tracing, fault injection); None keeps the hot path bare
         self.interceptor: Callable[..., int | Awaitable[int]] | None = None
+        #: ``cusedev.trace.Tracer`` while recording (open/release/read/write/kexec events); else None
+        self.tracer: Any = None
+        #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``)
+        self.injector = Injector(self)
         self.opener_tid = 0
         self._next_fh = 1
         self._warned = False
@@ -106,6 +111,8 @@ class LiveUpdateDevice:
     # -- DeviceHandler ---------------------------------------------------------------------------
     def open(self, caller: Caller, flags: int) -> int:
         if self.opener is not None:
+            if self.tracer is not None:
+                self.tracer.open(caller, flags, 0, errno.EBUSY)
             raise fail(errno.EBUSY)
         fh = self._next_fh
         self._next_fh += 1
@@ -113,10 +120,14 @@ class LiveUpdateDevice:
         self.opener_tid = caller.tid
         for cb in self.on_open:
             cb(caller)
+        if self.tracer is not None:
+            self.tracer.open(caller, flags, fh, 0)
         return fh
 
     def release(self, fh: int) -> None:
         s = self.sessions.pop(fh, None)
+        if self.tracer is not None:
+            self.tracer.release(fh)
         if s is not None and s is self.opener:
             self.opener = None
             self.core.drop_outgoing()
@@ -136,9 +147,13 @@ class LiveUpdateDevice:
         return dispatch(self.ops, s, caller, cmd, arg, mem, rec)
 
     def read(self, fh: int, caller: Caller, size: int) -> bytes:
+        if self.tracer is not None:
+            self.tracer.rw("read", fh, caller, size, errno.EINVAL)
         raise einval()
 
     def write(self, fh: int, caller: Caller, data: bytes) -> int:
+        if self.tracer is not None:
+            self.tracer.rw("write", fh, caller, len(data), errno.EINVAL)
         raise einval()
 
     # -- the emulated reboot ---------------------------------------------------------------------
@@ -149,6 +164,11 @@ class LiveUpdateDevice:
         have killed) but every later call fails with ENODEV; the exclusive-open
         slot is free at once.
         """
+        if self.tracer is not None:
+            return self.tracer.kexec(self._kexec)
+        return self._kexec()
+
+    def _kexec(self) -> bool:
         live = self.core.kexec()
         for s in self.sessions.values():
             s.revoked = True

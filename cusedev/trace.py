@@ -1,0 +1,605 @@
+"""ioctl traces: a JSON Lines recorder installed as the device's interceptor, and strace-style display.
+
+Recording is off the reply path: a call captures a tuple of raw values
+(bytes, ints, the op row) and the record is formatted and written by one
+``call_soon`` callback after the loop has sent the replies — one ``write(2)``
+per loop iteration, on an O_APPEND fd without user-space buffering, so a
+record is in the file (page cache) as soon as its reply is out and survives
+a crash of the client or of the emulator.  Without tracing and injection the
+device's ``interceptor`` is None and nothing here runs.
+
+Only the FD_PRESERVE record does real work at call time (size, digest and,
+for small files, the content of the preserved file: the file may change or
+be closed after the call, and replay needs them to stand in a memfd).
+
+On CUSE with retry memory a call can take several rounds (``NeedRetry``);
+it is recorded once, at the final round.  When the kernel cannot copy a
+range we asked for, it fails the call with EFAULT without telling us: that
+call is recorded as EFAULT (``"kernel_fault": true``) when the same thread
+is next seen, or when tracing stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import __version__, pidfd, uapi
+from .abi.table import _U32, Op, _check_zero_tail, _prim
+from .device import Caller, CallerMemory, NeedRetry
+
+FORMAT_VERSION = 1
+CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
+DIGEST_LIMIT = 256 << 20  # bytes hashed at most (the loop must not stall on a guest's RAM)
+TAIL_LIMIT = 1 << 20
+
+_perf = time.perf_counter_ns
+_wall = time.time
+_get_loop = asyncio._get_running_loop
+
+_ENUMS = {"event": uapi.EVENT_NAMES, "state": uapi.STATE_CNAMES}
+_FD_PRESERVE = uapi.LIVEUPDATE_IOCTL_FD_PRESERVE
+
+
+def errname(code: int) -> str:
+    return errno.errorcode.get(code, str(code))
+
+
+# -- field decoding (at flush time) ------------------------------------------------------------------
+_FIELDS: dict[str, list[tuple[str, int, Any, bool]]] = {}
+
+
+def fields_of(op: Op) -> list[tuple[str, int, Any, bool]]:
+    """(name, offset, struct codec, is_output) of every named field of ``op``'s struct, from the cdefs."""
+    f = _FIELDS.get(op.ctype)
+    if f is None:
+        f = _FIELDS[op.ctype] = [
+            (name, fld.offset, _prim(fld.type), name in op.outputs)
+            for name, fld in uapi.ffi.typeof(op.ctype).fields
+        ]
+    return f
+
+
+def decode(op: Op, data: bytes, outputs: bool) -> dict[str, Any]:
+    """The fields of ``data`` (as far as it goes): inputs, or only the outputs; enums as names."""
+    out: dict[str, Any] = {}
+    for name, off, codec, is_out in fields_of(op):
+        if (is_out if outputs else (not is_out or name == "size")) and off + codec.size <= len(data):
+            v = codec.unpack_from(data, off)[0]
+            names = _ENUMS.get(name)
+            out[name] = names.get(v, v) if names is not None else v
+    return out
+
+
+def _proc_ids(tid: int) -> tuple[int, str]:
+    pid, comm = tid, "?"
+    try:
+        pid = pidfd.tgid_of(tid)
+        with open(f"/proc/{tid}/comm", "rb") as f:
+            comm = f.read().strip().decode(errors="replace")
+    except OSError:
+        pass
+    return pid, comm
+
+
+def file_info(tid: int, fd: int) -> dict[str, Any]:
+    """What FD_PRESERVE's fd was in the caller: kind, size, digest (and small contents) for replay."""
+    try:
+        ours = pidfd.getfd(tid, fd)
+    except OSError:
+        return {"kind": "none"}
+    try:
+        if fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
+            return {"kind": "opath"}
+        st = os.fstat(ours)
+        from .files import TMPFS_MAGIC, fs_type
+
+        shmem = stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(ours) == TMPFS_MAGIC
+        info: dict[str, Any] = {"kind": "shmem" if shmem else "other", "ino": st.st_ino, "dev": st.st_dev}
+        if not shmem:
+            info["mode"] = stat.filemode(st.st_mode)
+            return info
+        size = st.st_size
+        info["size"] = size
+        h = hashlib.sha256()
+        pos, chunks = 0, []
+        while pos < min(size, DIGEST_LIMIT):
+            chunk = os.pread(ours, min(1 << 20, min(size, DIGEST_LIMIT) - pos), pos)
+            if not chunk:
+                break
+            h.update(chunk)
+            if size <= CONTENT_LIMIT:
+                chunks.append(chunk)
+            pos += len(chunk)
+        info["sha256"] = h.hexdigest()
+        if pos < size:
+            info["digest_len"] = pos
+        if size <= CONTENT_LIMIT:
+            info["data"] = base64.b64encode(b"".join(chunks)).decode()
+        return info
+    except OSError as e:
+        return {"kind": "error", "errno": e.errno}
+    finally:
+        os.close(ours)
+
+
+# -- the recorder --------------------------------------------------------------------------------------
+class Tracer:
+    """Writes one device's events to ``path`` (created 0600: traces hold file contents)."""
+
+    def __init__(self, path: str, device: Any):
+        self.path = os.path.abspath(path)
+        self.device = device
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        self.fd = fd
+        self.seq = 0
+        self._queue: list[tuple[Callable[..., dict[str, Any]], tuple]] = []
+        self._scheduled = False
+        self._procs: dict[int, tuple[int, str]] = {}
+        self.pending: dict[int, tuple] = {}
+        self._fault: dict[str, Any] | None = None
+        self._in_ioctl = False
+        self._write([self.header()])
+
+    def header(self) -> dict[str, Any]:
+        return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.NAME,
+                "arch": platform.machine(), "endian": sys.byteorder, "emulator": f"cusedev {__version__}",
+                "time": _wall(), "mono_ns": time.monotonic_ns(), "emulator_pid": os.getpid(),
+                "state": self.device.core.state.label}
+
+    # -- output ----------------------------------------------------------------------------------
+    def _write(self, recs: Iterable[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs).encode()
+        if self.fd >= 0 and data:
+            os.write(self.fd, data)
+
+    def _push(self, fmt: Callable[..., dict[str, Any]], *args: Any) -> None:
+        self.seq += 1
+        self._queue.append((fmt, (self.seq, *args)))
+        if not self._scheduled:
+            loop = _get_loop()
+            if loop is None:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        q, self._queue = self._queue, []
+        if q:
+            self._write(fmt(*args) for fmt, args in q)
+
+    def close(self) -> None:
+        for tid in list(self.pending):
+            self._finish_pending(self.pending.pop(tid))
+        self.flush()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _who(self, tid: int, fresh: bool = False) -> tuple[int, str]:
+        ids = None if fresh else self._procs.get(tid)
+        if ids is None:
+            if len(self._procs) > 4096:
+                self._procs.clear()
+            ids = self._procs[tid] = _proc_ids(tid)
+        return ids
+
+    def _base(self, kind: str, seq: int, wall: float, mono: int, tid: int) -> dict[str, Any]:
+        pid, comm = self._who(tid)
+        return {"type": kind, "seq": seq, "time": round(wall, 6), "mono_ns": mono, "pid": pid, "tid": tid,
+                "comm": comm}
+
+    def _seen(self, tid: int) -> None:
+        if self.pending:
+            p = self.pending.pop(tid, None)
+            if p is not None:
+                self._finish_pending(p)
+
+    # -- events ----------------------------------------------------------------------------------
+    def open(self, caller: Caller, flags: int, fh: int, err: int) -> None:
+        self._seen(caller.tid)
+        self._who(caller.tid, fresh=True)
+        self._push(self._fmt_simple, "open", _wall(), time.monotonic_ns(), caller.tid,
+                   {"flags": flags, "fh": fh, "ret": -1 if err else 0, "errno": err})
+
+    def release(self, fh: int) -> None:
+        self._push(self._fmt_simple, "release", _wall(), time.monotonic_ns(), 0, {"fh": fh})
+
+    def rw(self, kind: str, fh: int, caller: Caller, size: int, err: int) -> None:
+        self._seen(caller.tid)
+        self._push(self._fmt_simple, kind, _wall(), time.monotonic_ns(), caller.tid,
+                   {"fh": fh, "count": size, "ret": -1 if err else size, "errno": err})
+
+    def kexec(self, fn: Callable[[], bool]) -> bool:
+        before = self.device.core.state
+        self._fault = None
+        try:
+            live = fn()
+        except OSError as e:
+            self._push(self._fmt_simple, "kexec", _wall(), time.monotonic_ns(), 0,
+                       {"ret": -1, "errno": e.errno, "state_before": before.label,
+                        "state_after": self.device.core.state.label,
+                        **({"injected": self._fault} if self._fault else {})})
+            raise
+        core = self.device.core
+        self._push(self._fmt_simple, "kexec", _wall(), time.monotonic_ns(), 0,
+                   {"ret": 0, "errno": 0, "live": live, "state_before": before.label,
+                    "state_after": core.state.label, "update_count": core.update_count})
+        return live
+
+    def on_state(self, old: Any, new: Any) -> None:
+        if old != new:
+            self._push(self._fmt_simple, "state", _wall(), time.monotonic_ns(), 0,
+                       {"from": old.label, "to": new.label})
+
+    def fault(self, point: str, rule: Any) -> None:
+        """A core fault point fired (prepare/kexec): marks the running ioctl or kexec, and gets its own record."""
+        self._fault = {"rule": rule.text, "point": point, "errno": rule.error}
+        self._push(self._fmt_simple, "fault", _wall(), time.monotonic_ns(), 0,
+                   {"rule": rule.text, "point": point, "errno": rule.error, "err": errname(rule.error)})
+
+    def injected(self, fh: int, caller: Caller, cmd: int, arg: int, rule: Any) -> None:
+        """An ioctl failed by a rule before its handler ran."""
+        self._seen(caller.tid)
+        st = self.device.core.state
+        self._push(self._fmt_ioctl, _wall(), time.monotonic_ns(), caller.tid, fh, cmd, arg, {}, rule.error,
+                   st, st, 0, None, {"rule": rule.text, "errno": rule.error, "delay": rule.delay})
+
+    def ioctl(self, dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory,
+              rule: Any = None) -> int:
+        """Run and record one ioctl (``rule``: the delay-only rule that held it, if any)."""
+        tid = caller.tid
+        t0 = _perf()
+        wall = _wall()
+        if self.pending:
+            p = self.pending.pop(tid, None)
+            if p is not None:
+                if p[1:4] == (fh, cmd, arg):
+                    t0, wall = p[4], p[5]  # the same call, next CUSE retry round
+                else:
+                    self._finish_pending(p)
+        before = dev.core.state
+        rec: dict[str, Any] = {}
+        self._fault = None
+        try:
+            ret = dev.run_ioctl(fh, caller, cmd, arg, mem, rec)
+            err = 0
+            exc = None
+        except NeedRetry:
+            self.pending[tid] = (tid, fh, cmd, arg, t0, wall, rec, before)
+            raise
+        except OSError as e:
+            ret, err, exc = -1, e.errno or errno.EIO, e
+        dur = _perf() - t0
+        extra: dict[str, Any] | None = None
+        op = rec.get("op")
+        if op is not None:
+            if cmd == _FD_PRESERVE and op.cmd == cmd and len(rec.get("in", b"")) >= 8:
+                extra = {"file": file_info(tid, int.from_bytes(rec["in"][4:8], sys.byteorder, signed=True))}
+            size = rec.get("size", 0)
+            if err == errno.E2BIG and size > op.size:
+                extra = {**(extra or {}), "tail": self._tail(mem, arg + op.size, size - op.size)}
+        inj = self._fault
+        if rule is not None:
+            inj = {"rule": rule.text, "delay": rule.delay, "errno": 0}
+        self._push(self._fmt_ioctl, wall, time.monotonic_ns(), tid, fh, cmd, arg, rec, err, before,
+                   dev.core.state, dur, extra, inj)
+        if exc is not None:
+            raise exc
+        return ret
+
+    @staticmethod
+    def _tail(mem: CallerMemory, addr: int, length: int) -> dict[str, Any]:
+        """Where the first non-zero byte past sizeof was (E2BIG), so replay can put one there."""
+        length = min(length, TAIL_LIMIT)
+        try:
+            data = mem.read(addr, length)
+        except Exception:  # noqa: BLE001 - best effort; a retry backend may not have it
+            try:
+                _check_zero_tail(mem, addr, length)
+            except Exception:  # noqa: BLE001
+                pass
+            return {}
+        for i, b in enumerate(data):
+            if b:
+                return {"offset": i, "byte": b}
+        return {}
+
+    def _finish_pending(self, p: tuple) -> None:
+        tid, fh, cmd, arg, t0, wall, rec, before = p
+        self._push(self._fmt_ioctl, wall, time.monotonic_ns(), tid, fh, cmd, arg, rec, errno.EFAULT, before,
+                   before, _perf() - t0, {"kernel_fault": True}, None)
+
+    # -- formatting (flush time) -----------------------------------------------------------------
+    def _fmt_simple(self, seq: int, kind: str, wall: float, mono: int, tid: int, fields: dict) -> dict:
+        r = self._base(kind, seq, wall, mono, tid) if tid else {"type": kind, "seq": seq, "time": round(wall, 6),
+                                                                 "mono_ns": mono}
+        r.update(fields)
+        if fields.get("errno"):
+            r["err"] = errname(fields["errno"])
+        return r
+
+    def _fmt_ioctl(self, seq: int, wall: float, mono: int, tid: int, fh: int, cmd: int, arg: int,
+                   rec: dict, err: int, before: Any, after: Any, dur: int, extra: dict | None,
+                   inj: dict | None) -> dict:
+        r = self._base("ioctl", seq, wall, mono, tid)
+        op: Op | None = rec.get("op")
+        r["fh"] = fh
+        r["cmd"] = cmd
+        r["name"] = uapi.IOCTL_NAMES.get(cmd, "unknown")
+        r["arg"] = arg
+        if "size" in rec:
+            r["size"] = rec["size"]
+        data = rec.get("in")
+        if data is not None:
+            r["in_hex"] = data.hex()
+            if op is not None:
+                r["in"] = decode(op, data, outputs=False)
+        out = rec.get("out")
+        if out is not None:
+            r["out_hex"] = out.hex()
+            if op is not None:
+                r["out"] = decode(op, out, outputs=True)
+        r["ret"] = -1 if err else 0
+        r["errno"] = err
+        if err:
+            r["err"] = errname(err)
+        r["state_before"] = before.label
+        r["state_after"] = after.label
+        r["dur_us"] = round(dur / 1000, 1)
+        if extra:
+            r.update(extra)
+        if inj:
+            r["injected"] = inj
+        return r
+
+
+# -- installing -----------------------------------------------------------------------------------------
+def intercept(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> Any:
+    """The device's interceptor while tracing or injecting: injection first, then the traced call."""
+    inj = dev.injector
+    tracer = dev.tracer
+    counted: list = []
+    if inj.ioctl_rules:
+        rule, counted = inj.match(cmd)
+        if rule is not None:
+            if rule.delay:
+                if not rule.error:
+                    _prefetch(dev, cmd, arg, mem)  # a CUSE retry round must happen now, not after the sleep
+                inj.commit(counted)
+                return _delayed(dev, fh, caller, cmd, arg, mem, rule)
+            inj.commit(counted)
+            if tracer is not None:
+                tracer.injected(fh, caller, cmd, arg, rule)
+            raise OSError(rule.error, os.strerror(rule.error))
+    if tracer is None:
+        try:
+            ret = dev.run_ioctl(fh, caller, cmd, arg, mem)
+        except NeedRetry:
+            raise
+        except OSError:
+            inj.commit(counted)
+            raise
+    else:
+        try:
+            ret = tracer.ioctl(dev, fh, caller, cmd, arg, mem)
+        except NeedRetry:
+            raise
+        except OSError:
+            inj.commit(counted)
+            raise
+    inj.commit(counted)
+    return ret
+
+
+def _prefetch(dev: Any, cmd: int, arg: int, mem: CallerMemory) -> None:
+    """Touch the memory dispatch will need (raising NeedRetry on CUSE) without running the handler."""
+    nr = cmd & 0xFF
+    if nr >= len(dev.ops):
+        return
+    op = dev.ops[nr]
+    try:
+        data = mem.peek(arg, op.size, 4)
+        (size,) = _U32.unpack_from(data)
+        if cmd != op.cmd or size < op.min_size:
+            return
+        n = min(size, op.size)
+        mem.declare((arg, size), (arg, n) if op.outputs else None)
+        if size > op.size:
+            _check_zero_tail(mem, arg + op.size, size - op.size)
+        if len(data) < n:
+            mem.read(arg, n)
+    except OSError:
+        return
+
+
+async def _delayed(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory, rule: Any) -> int:
+    await asyncio.sleep(rule.delay)
+    tracer = dev.tracer
+    if rule.error:
+        if tracer is not None:
+            tracer.injected(fh, caller, cmd, arg, rule)
+        raise OSError(rule.error, os.strerror(rule.error))
+    if tracer is not None:
+        return tracer.ioctl(dev, fh, caller, cmd, arg, mem, rule)
+    return dev.run_ioctl(fh, caller, cmd, arg, mem)
+
+
+def refresh(device: Any) -> None:
+    """Install the interceptor only while something needs it: the bare path stays bare."""
+    need = device.tracer is not None or bool(device.injector.ioctl_rules)
+    device.interceptor = intercept if need else None
+
+
+def start(device: Any, path: str) -> Tracer:
+    """Start recording ``device`` to ``path`` (a running trace is stopped first)."""
+    stop(device)
+    tracer = Tracer(path, device)
+    device.tracer = tracer
+    device.core.listeners.append(tracer.on_state)
+    refresh(device)
+    return tracer
+
+
+def stop(device: Any) -> str | None:
+    """Stop recording; returns the path of the trace that was running, if any."""
+    tracer = device.tracer
+    if tracer is None:
+        return None
+    device.tracer = None
+    refresh(device)
+    try:
+        device.core.listeners.remove(tracer.on_state)
+    except ValueError:
+        pass
+    tracer.close()
+    return tracer.path
+
+
+def control(device: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    """The ``trace`` control command: {"action": "start", "path": ...} / {"action": "stop"} / status."""
+    action = msg.get("action", "status")
+    if action == "start":
+        path = msg.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            return {"ok": False, "error": "trace start needs an absolute path"}
+        try:
+            start(device, path)
+        except OSError as e:
+            return {"ok": False, "error": f"{path}: {e.strerror}"}
+        return {"ok": True, "path": path}
+    if action == "stop":
+        return {"ok": True, "path": stop(device)}
+    t = device.tracer
+    return {"ok": True, "path": t.path if t else None, "records": t.seq if t else 0}
+
+
+# -- reading and showing ----------------------------------------------------------------------------------
+def read_records(path: str) -> Iterator[dict[str, Any]]:
+    """Records of a trace file; a torn last line (crash mid-write) is skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def _fmt_value(v: Any) -> str:
+    return str(v)
+
+
+def _struct(fields: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items()) + "}"
+
+
+_COLORS = {"err": "\033[31m", "inj": "\033[35m", "ev": "\033[33m", "dim": "\033[2m", "off": "\033[0m"}
+
+
+def format_record(r: dict[str, Any], color: bool = False) -> str | None:
+    """One strace-style line, or None for the header."""
+    kind = r.get("type")
+    if kind == "header":
+        return None
+    c = _COLORS if color else dict.fromkeys(_COLORS, "")
+    t = r.get("time", 0.0)
+    stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(round((t % 1) * 1e6)) % 1000000:06d}"
+    who = f"[pid {r['pid']} {r.get('comm', '?')}] " if "pid" in r else ""
+    err = r.get("errno", 0)
+
+    def result(ok: str = "0") -> str:
+        if r.get("ret", 0) == -1 or err:
+            s = f"{c['err']}= -1 {errname(err)} ({os.strerror(err)}){c['off']}"
+        else:
+            s = f"= {ok}"
+        if r.get("injected") and (r["injected"].get("errno") or err):
+            s += f" {c['inj']}(INJECTED){c['off']}"
+        elif r.get("injected"):
+            s += f" {c['inj']}(DELAYED {r['injected'].get('delay', 0) * 1000:g}ms){c['off']}"
+        return s
+
+    if kind == "ioctl":
+        name = r.get("name", "unknown")
+        cmdtxt = name if name != "unknown" else f"{r.get('cmd', 0):#x}"
+        if "in" in r:
+            argtxt = _struct(r["in"])
+        elif r.get("arg") == 0:
+            argtxt = "NULL"
+        else:
+            argtxt = f"{r.get('arg', 0):#x}"
+        if r.get("out"):
+            argtxt += " => " + _struct(r["out"])
+        if r.get("file"):
+            f = r["file"]
+            argtxt += f" <{f.get('kind')}" + (f" {f['size']}B" if "size" in f else "") + ">"
+        sb, sa = r.get("state_before", "?"), r.get("state_after", "?")
+        states = f"<{sb}>" if sb == sa else f"{c['ev']}<{sb} → {sa}>{c['off']}"
+        dur = f"{r.get('dur_us', 0):.0f}us"
+        return f"{stamp} {who}ioctl({cmdtxt}, {argtxt}) {result()} {states} {dur}"
+    if kind == "open":
+        fh = r.get("fh")
+        return f"{stamp} {who}open(flags={r.get('flags', 0):#o}) {result(f'fh {fh}')}"
+    if kind == "release":
+        return f"{stamp} release(fh {r.get('fh')}) = 0"
+    if kind in ("read", "write"):
+        return f"{stamp} {who}{kind}(fh {r.get('fh')}, {r.get('count')}) {result(str(r.get('ret')))}"
+    if kind == "kexec":
+        if r.get("ret") == -1:
+            return f"{stamp} reboot(LINUX_REBOOT_CMD_KEXEC) {result()} <{r.get('state_before')} → " \
+                   f"{r.get('state_after')}>"
+        what = "live update" if r.get("live") else "plain kexec"
+        return f"{stamp} {c['ev']}--- kexec: {what}, update_count={r.get('update_count')} ---{c['off']}"
+    if kind == "state":
+        return f"{stamp} {c['ev']}--- state {r.get('from')} → {r.get('to')} ---{c['off']}"
+    if kind == "fault":
+        return f"{stamp} {c['inj']}--- injected {r.get('point')} fault {r.get('err')} ({r.get('rule')}) ---{c['off']}"
+    return f"{stamp} {kind} {json.dumps(r)}"
+
+
+def matches(r: dict[str, Any], pid: int | None, cmd: int | None) -> bool:
+    if r.get("type") == "header":
+        return True
+    if pid is not None and pid not in (r.get("pid"), r.get("tid")):
+        return False
+    if cmd is not None and (r.get("type") != "ioctl" or r.get("cmd") != cmd):
+        return False
+    return True
+
+
+def show(path: str, *, as_json: bool = False, pid: int | None = None, cmd: int | None = None,
+         color: bool | None = None, out: Any = None) -> int:
+    """Print the trace; returns the number of records shown."""
+    out = out or sys.stdout
+    if color is None:
+        color = out.isatty() and "NO_COLOR" not in os.environ
+    n = 0
+    for r in read_records(path):
+        if not matches(r, pid, cmd):
+            continue
+        if as_json:
+            out.write(json.dumps(r, separators=(",", ":")) + "\n")
+        else:
+            line = format_record(r, color)
+            if line is None:
+                continue
+            out.write(line + "\n")
+        n += 1
+    return n
