@@ -13,6 +13,7 @@ import asyncio
 import grp
 import json
 import logging
+import os
 import pwd
 import sys
 from collections.abc import Callable
@@ -69,6 +70,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="sysfs tree: a pollable FUSE mount, or plain files replaced atomically (no poll); "
                         "auto: FUSE if usable (default %(default)s)")
     p.add_argument("--no-sysfs", dest="sysfs", action="store_const", const=None, help="no sysfs tree")
+    p.add_argument("--trace", metavar="FILE", help="record every device event to FILE (JSON Lines, mode 0600)")
+    p.add_argument("--inject", metavar="RULE", action="append", default=[],
+                   help="fault injection, strace style: CMD:error=ERRNO[:when=N|N+|N+S][:delay=DUR], "
+                        "prepare:error=ERRNO, kexec:error=ERRNO (repeatable)")
     p.add_argument("--handler", metavar="MODULE:FACTORY", help=argparse.SUPPRESS)  # tests: a stub device
     p.set_defaults(func=_run_serve)
 
@@ -78,10 +83,34 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     uid, gid = _uid(args.owner), _gid(args.group)
     handler = load_handler(args.handler) if args.handler else None
+    if args.trace or args.inject:
+        handler = _traced_handler(handler, args.trace, args.inject)
     asyncio.run(serve(args.device, args.transport, on_ready=print_ready, handler=handler, mode=args.mode,
                       uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir, sysfs=args.sysfs,
                       sysfs_root=args.sysfs_root))
     return 0
+
+
+def _traced_handler(handler: object, trace_path: str | None, rules: list[str]) -> object:
+    """The LUO device with its rules and trace set up before serving (bad rules fail here, not later)."""
+    from . import trace
+    from .handles import LiveUpdateDevice
+    from .inject import RuleError
+
+    dev = handler if handler is not None else LiveUpdateDevice()
+    if not isinstance(dev, LiveUpdateDevice):
+        raise CliError("--trace/--inject need the LUO device")
+    try:
+        for rule in rules:
+            dev.injector.add(rule)
+    except RuleError as e:
+        raise CliError(f"--inject: {e}") from None
+    if trace_path:
+        try:
+            trace.start(dev, os.path.abspath(trace_path))
+        except OSError as e:
+            raise CliError(f"--trace {trace_path}: {e.strerror}") from None
+    return dev
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
@@ -89,11 +118,11 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
                    help="the emulator's device path (default %(default)s)")
 
 
-def _control(device: str, cmd: str) -> dict:
+def _control(device: str, cmd: str, **args: object) -> dict:
     from .control import ControlError, request
 
     try:
-        return request(device, cmd)
+        return request(device, cmd, **args)
     except ControlError as e:
         raise CliError(str(e)) from None
 
@@ -136,7 +165,103 @@ def _run_kexec(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_status, _add_kexec]
+# -- trace -------------------------------------------------------------------
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="record, show and replay ioctl traces")
+    tsub = p.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
+    s = tsub.add_parser("start", help="start recording a running emulator to FILE")
+    s.add_argument("file", metavar="FILE")
+    _device_arg(s)
+    s.set_defaults(func=_run_trace_start)
+    s = tsub.add_parser("stop", help="stop recording")
+    _device_arg(s)
+    s.set_defaults(func=_run_trace_stop)
+    s = tsub.add_parser("show", help="print a trace, one strace-style line per event")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--json", action="store_true", help="pass the matching records through as JSON Lines")
+    s.add_argument("--pid", type=int, help="only this pid (or tid)")
+    s.add_argument("--cmd", help="only this ioctl (FD_PRESERVE, LIVEUPDATE_IOCTL_GET_STATE, 0xba03)")
+    s.set_defaults(func=_run_trace_show)
+    s = tsub.add_parser("replay", help="re-issue a trace's calls against a device and report divergences")
+    s.add_argument("file", metavar="FILE")
+    _device_arg(s)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--stop-at-kexec", action="store_true",
+                   help="replay up to the kexec, then hold the device open until the kexec (or a signal)")
+    g.add_argument("--after-kexec", action="store_true", help="replay only what follows the kexec")
+    s.add_argument("-q", "--quiet", action="store_true", help="only divergences and the summary")
+    s.set_defaults(func=_run_trace_replay)
+
+
+def _run_trace_start(args: argparse.Namespace) -> int:
+    r = _control(args.device, "trace", action="start", path=os.path.abspath(args.file))
+    if not r.get("ok"):
+        raise CliError(str(r.get("error")))
+    print(f"tracing {args.device} to {r['path']}")
+    return 0
+
+
+def _run_trace_stop(args: argparse.Namespace) -> int:
+    r = _control(args.device, "trace", action="stop")
+    print(f"stopped tracing to {r['path']}" if r.get("path") else "was not tracing")
+    return 0
+
+
+def _run_trace_show(args: argparse.Namespace) -> int:
+    from . import trace
+    from .inject import RuleError, parse_cmd
+
+    try:
+        cmd = parse_cmd(args.cmd) if args.cmd else None
+    except RuleError as e:
+        raise CliError(str(e)) from None
+    try:
+        trace.show(args.file, as_json=args.json, pid=args.pid, cmd=cmd)
+    except OSError as e:
+        raise CliError(f"{args.file}: {e.strerror}") from None
+    except BrokenPipeError:
+        pass
+    return 0
+
+
+def _run_trace_replay(args: argparse.Namespace) -> int:
+    from .replay import ReplayError, replay
+
+    try:
+        return replay(args.file, args.device, stop_at_kexec=args.stop_at_kexec, after_kexec=args.after_kexec,
+                      quiet=args.quiet)
+    except ReplayError as e:
+        raise CliError(str(e)) from None
+
+
+# -- inject ------------------------------------------------------------------
+def _add_inject(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inject", help="add fault-injection rules to a running emulator (or list/clear them)")
+    p.add_argument("rules", nargs="*", metavar="RULE",
+                   help="CMD:error=ERRNO[:when=N|N+|N+S][:delay=DUR], prepare:error=ERRNO, kexec:error=ERRNO")
+    p.add_argument("--clear", action="store_true", help="remove every rule first")
+    _device_arg(p)
+    p.set_defaults(func=_run_inject)
+
+
+def _run_inject(args: argparse.Namespace) -> int:
+    from .inject import RuleError, parse_rule
+
+    try:
+        for rule in args.rules:
+            parse_rule(rule)
+    except RuleError as e:
+        raise CliError(str(e)) from None
+    r = _control(args.device, "inject", rules=args.rules, clear=args.clear)
+    if not r.get("ok"):
+        raise CliError(str(r.get("error")))
+    for row in r["rules"]:
+        print(f"{row['rule']}  (hits {row['hits']})")
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_status, _add_kexec, _add_trace,
+                                                                     _add_inject]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,8 @@ class Runtime:
         self.runs: set[Connection] = set()
         self.control = ControlServer(
             server.device_path,
-            {"status": self._status, "kexec": self._kexec, "attach": self._attach, "kho": self._kho},
+            {"status": self._status, "kexec": self._kexec, "attach": self._attach, "kho": self._kho,
+             "trace": self._trace, "inject": self._inject},
             gid=gid,
         )
         self.supervisors: list[Any] = []
@@ -102,6 +103,25 @@ class Runtime:
         """Set the "KHO finalized" flag as the kernel's debugfs finalize would (to test EEXIST)."""
         self.device.core.kho_finalized = bool(msg.get("finalized", True))
         return {"ok": True, "kho_finalized": self.device.core.kho_finalized}
+
+    # -- tracing and fault injection (cusedev.trace, cusedev.inject) ------------------------------
+    def _trace(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        from . import trace
+
+        return trace.control(self.device, msg)
+
+    def _inject(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        from .inject import RuleError
+
+        inj = self.device.injector
+        if msg.get("clear"):
+            inj.clear()
+        try:
+            for text in msg.get("rules", []):
+                inj.add(str(text))
+        except RuleError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "rules": inj.list()}
 
     # -- `cusedev run` ---------------------------------------------------------------------------
     def _attach(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
