@@ -260,8 +260,32 @@ def _run_inject(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_status, _add_kexec, _add_trace,
-                                                                     _add_inject]
+# -- run ---------------------------------------------------------------------
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run CMD so that FD_RESTORE installs fds and reboot(KEXEC) is emulated")
+    _device_arg(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from .control import ControlError
+    from .runcmd import run_under
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError("run: no command given (cusedev run [--device PATH] -- CMD ARGS)")
+    try:
+        return asyncio.run(run_under(args.device, argv))
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    except FileNotFoundError as e:
+        raise CliError(f"run: {argv[0]}: {e.strerror}") from None
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_serve, _add_status, _add_kexec, _add_run, _add_trace, _add_inject,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

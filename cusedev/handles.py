@@ -10,10 +10,14 @@ handlers stay a few lines each.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import resource
+import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import abi, pidfd
@@ -25,6 +29,11 @@ from .inject import Injector
 
 log = logging.getLogger(__name__)
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_ioctl = _libc.ioctl
+_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+_ioctl.restype = ctypes.c_int
+
 
 class FdInstaller(Protocol):
     """Puts a new fd into a caller, as the kernel's fd_install would (seccomp ADDFD in practice)."""
@@ -34,6 +43,36 @@ class FdInstaller(Protocol):
 
     def install(self, caller: Caller, fd: int) -> int:
         """Install a dup of our ``fd`` with O_CLOEXEC in the caller; returns its number there."""
+
+
+class SeccompInstaller:
+    """Installs into a process stopped in a seccomp notification (SECCOMP_IOCTL_NOTIF_ADDFD)."""
+
+    def __init__(self, notification: Any):
+        self.n = notification
+
+    def reserve(self, caller: Caller) -> None:
+        """The kernel takes an fd number before any check: EMFILE when the table is full."""
+        try:
+            tgid = pidfd.tgid_of(caller.tid)
+            soft, _hard = resource.prlimit(tgid, resource.RLIMIT_NOFILE)
+            used = len(os.listdir(f"/proc/{tgid}/fd"))
+        except OSError:
+            return
+        if soft != resource.RLIM_INFINITY and used >= soft:
+            raise fail(errno.EMFILE)
+
+    def install(self, caller: Caller, fd: int) -> int:
+        return int(self.n.addfd(fd, os.O_CLOEXEC))
+
+
+@dataclass(slots=True)
+class Proxy:
+    """An ioctl the emulator re-issues for a process under `cusedev run` (see ``Runtime._on_ioctl``)."""
+
+    caller: Caller
+    memory: CallerMemory
+    installer: FdInstaller
 
 
 class Session:
@@ -70,7 +109,7 @@ class Session:
 
     def restore(self, caller: Caller, token: int) -> int:
         """FD_RESTORE: reserve an fd, the core's checks, then install a new description."""
-        installer = self.device.installer
+        installer = self.device.installer_for(caller)
         if installer is not None:
             installer.reserve(caller)
         pf = self.core.restore(token)
@@ -97,6 +136,7 @@ class LiveUpdateDevice:
         self.sessions: dict[int, Session] = {}
         self.opener: Session | None = None
         self.installer: FdInstaller | None = None
+        self.proxies: dict[int, Proxy] = {}  # worker thread id -> the `cusedev run` call it carries
         self.on_open: list[Callable[[Caller], None]] = []
         #: wraps every ioctl when set (tracing, fault injection); None keeps the hot path bare
         self.interceptor: Callable[..., int | Awaitable[int]] | None = None
@@ -133,6 +173,10 @@ class LiveUpdateDevice:
             self.core.drop_outgoing()
 
     def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int | Awaitable[int]:
+        if self.proxies:
+            p = self.proxies.get(caller.tid)
+            if p is not None:  # our own worker thread, acting for a `cusedev run` process
+                caller, mem = p.caller, p.memory
         if self.interceptor is not None:
             return self.interceptor(self, fh, caller, cmd, arg, mem)
         return self.run_ioctl(fh, caller, cmd, arg, mem)
@@ -174,6 +218,27 @@ class LiveUpdateDevice:
             s.revoked = True
         self.opener = None
         return live
+
+    def installer_for(self, caller: Caller) -> FdInstaller | None:
+        for p in self.proxies.values():
+            if p.caller.tid == caller.tid:
+                return p.installer
+        return self.installer
+
+    def proxied_ioctl(self, fd: int, cmd: int, arg: int, proxy: Proxy) -> int:
+        """Run in a worker thread: ioctl on our copy of the caller's fd; returns 0 or the errno.
+
+        The request comes back to the event loop through the transport like any
+        other; ``ioctl`` recognises this thread and substitutes the real caller.
+        """
+        tid = threading.get_native_id()
+        self.proxies[tid] = proxy
+        try:
+            if _ioctl(fd, cmd & 0xFFFFFFFF, arg) < 0:
+                return ctypes.get_errno()
+            return 0
+        finally:
+            del self.proxies[tid]
 
     def warn_no_installer(self) -> None:
         if not self._warned:

@@ -8,15 +8,24 @@ state directory.  The transports and the ABI profile know nothing of it.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import errno
 import logging
 import os
+import stat
 from typing import Any
 
-from . import pidfd
+from . import pidfd, uapi
 from .control import Connection, ControlServer
-from .handles import LiveUpdateDevice
+from .device import Caller
+from .handles import LiveUpdateDevice, Proxy, SeccompInstaller
+from .memory import ProcessVmMemory
+from .seccomp import Notification, Supervisor
 
 log = logging.getLogger(__name__)
+REBOOT_MAGIC2 = {uapi.LINUX_REBOOT_MAGIC2, uapi.LINUX_REBOOT_MAGIC2A, uapi.LINUX_REBOOT_MAGIC2B,
+                 uapi.LINUX_REBOOT_MAGIC2C}
 
 
 def file_rows(files: dict[int, Any]) -> list[dict[str, Any]]:
@@ -125,7 +134,71 @@ class Runtime:
 
     # -- `cusedev run` ---------------------------------------------------------------------------
     def _attach(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        raise NotImplementedError
+        """A `cusedev run` hands over its seccomp listener; it then hears of every kexec."""
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return {"ok": False, "error": "attach needs exactly one seccomp listener fd"}
+        sup = Supervisor(fds[0], self._on_ioctl, self._on_reboot, name=f"run-{c.pid}")
+        sup.start()
+        self.supervisors.append(sup)
+        self.runs.add(c)
+        c.on_close.append(lambda: self.runs.discard(c))
+        return {"ok": True}
+
+    def _is_device(self, fd: int) -> bool:
+        """Whether ``fd`` is an open file of this emulator's node (the filter cannot tell fds apart)."""
+        try:
+            st, ref = os.fstat(fd), os.stat(self.server.device_path)
+        except OSError:
+            return False
+        if stat.S_ISCHR(ref.st_mode):
+            return stat.S_ISCHR(st.st_mode) and st.st_rdev == ref.st_rdev
+        return (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino)
+
+    async def _on_ioctl(self, n: Notification) -> None:
+        """FD_RESTORE from a `cusedev run` process: re-issue it on the caller's own open file.
+
+        The ioctl is repeated from a worker thread on a pidfd_getfd copy of the
+        caller's fd, so it reaches the very session the caller opened; the
+        device recognises the worker and works on the caller's memory, and the
+        new fd is installed with SECCOMP_IOCTL_NOTIF_ADDFD.  Foreign fds go on
+        to the kernel untouched.
+        """
+        fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
+        try:
+            dup = pidfd.getfd(n.pid, fd)
+        except OSError:
+            n.continue_()
+            return
+        try:
+            if not self._is_device(dup):
+                n.continue_()
+                return
+            proxy = Proxy(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n))
+            loop = asyncio.get_running_loop()
+            err = await loop.run_in_executor(None, self.device.proxied_ioctl, dup, n.args[1], n.args[2], proxy)
+        finally:
+            os.close(dup)
+        n.reply(error=err) if err else n.reply(0)
+
+    async def _on_reboot(self, n: Notification) -> None:
+        """reboot(LINUX_REBOOT_CMD_KEXEC) from a `cusedev run` process is the emulated kexec."""
+        magic1, magic2 = n.args[0] & 0xFFFFFFFF, n.args[1] & 0xFFFFFFFF
+        if magic1 != uapi.LINUX_REBOOT_MAGIC1 or magic2 not in REBOOT_MAGIC2:
+            n.reply(error=errno.EINVAL)
+            return
+        result = self.kexec()
+        if not result["ok"]:
+            n.reply(error=result["errno"])
+            return
+        # a successful kexec never returns: the launcher kills the caller; wait for that
+        for _ in range(1000):
+            if not n.valid():
+                n.answered = True  # the caller died in the reboot, as it should: nothing to answer
+                return
+            await asyncio.sleep(0.01)
+        n.reply(error=errno.EIO)
 
 
 def format_status(st: dict[str, Any]) -> str:
