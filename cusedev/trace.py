@@ -152,6 +152,7 @@ class Tracer:
         self.pending: dict[int, tuple] = {}
         self._fault: dict[str, Any] | None = None
         self._in_ioctl = False
+        self._states: list[tuple[Any, Any]] = []
         self._write([self.header()])
 
     def header(self) -> dict[str, Any]:
@@ -244,6 +245,9 @@ class Tracer:
 
     def on_state(self, old: Any, new: Any) -> None:
         if old != new:
+            if self._in_ioctl:  # after the ioctl's own record, which it belongs to
+                self._states.append((old, new))
+                return
             self._push(self._fmt_simple, "state", _wall(), time.monotonic_ns(), 0,
                        {"from": old.label, "to": new.label})
 
@@ -276,6 +280,7 @@ class Tracer:
         before = dev.core.state
         rec: dict[str, Any] = {}
         self._fault = None
+        self._in_ioctl = True
         try:
             ret = dev.run_ioctl(fh, caller, cmd, arg, mem, rec)
             err = 0
@@ -285,6 +290,8 @@ class Tracer:
             raise
         except OSError as e:
             ret, err, exc = -1, e.errno or errno.EIO, e
+        finally:
+            self._in_ioctl = False
         dur = _perf() - t0
         extra: dict[str, Any] | None = None
         op = rec.get("op")
@@ -299,6 +306,10 @@ class Tracer:
             inj = {"rule": rule.text, "delay": rule.delay, "errno": 0}
         self._push(self._fmt_ioctl, wall, time.monotonic_ns(), tid, fh, cmd, arg, rec, err, before,
                    dev.core.state, dur, extra, inj)
+        if self._states:
+            for old, new in self._states:
+                self.on_state(old, new)
+            self._states.clear()
         if exc is not None:
             raise exc
         return ret
@@ -556,7 +567,7 @@ def format_record(r: dict[str, Any], color: bool = False) -> str | None:
         return f"{stamp} {who}ioctl({cmdtxt}, {argtxt}) {result()} {states} {dur}"
     if kind == "open":
         fh = r.get("fh")
-        return f"{stamp} {who}open(flags={r.get('flags', 0):#o}) {result(f'fh {fh}')}"
+        return f"{stamp} {who}open({open_flags(r.get('flags', 0))}) {result(f'fh {fh}')}"
     if kind == "release":
         return f"{stamp} release(fh {r.get('fh')}) = 0"
     if kind in ("read", "write"):
@@ -572,6 +583,15 @@ def format_record(r: dict[str, Any], color: bool = False) -> str | None:
     if kind == "fault":
         return f"{stamp} {c['inj']}--- injected {r.get('point')} fault {r.get('err')} ({r.get('rule')}) ---{c['off']}"
     return f"{stamp} {kind} {json.dumps(r)}"
+
+
+_OPEN_FLAGS = [(getattr(os, n), n) for n in ("O_NONBLOCK", "O_APPEND", "O_CLOEXEC", "O_SYNC", "O_NOCTTY")]
+
+
+def open_flags(flags: int) -> str:
+    parts = [{os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}.get(flags & 3, "3")]
+    parts += [n for v, n in _OPEN_FLAGS if flags & v == v]
+    return "|".join(parts)
 
 
 def matches(r: dict[str, Any], pid: int | None, cmd: int | None) -> bool:

@@ -1,0 +1,280 @@
+# ruff: noqa: F811  (pytest fixtures imported from _server are redefined as parameters)
+"""Traces through real syscalls: record a session of every ioctl (malformed ones too), show it, replay it.
+
+Every emulator is a `cusedev serve` subprocess on the transport under test.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _server import REPO, ServerProc, public_dir, served_device  # noqa: F401  (fixtures)
+from clients import PyClient
+
+from cusedev import uapi as U
+
+GS = U.LIVEUPDATE_IOCTL_GET_STATE
+ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def cli(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "cusedev.cli", *args], capture_output=True, text=True, env=ENV,
+                       cwd=str(REPO), timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def enc(name: str, **kw: int) -> bytes:
+    c = U.codec(f"struct liveupdate_ioctl_{name}")
+    kw.setdefault("size", c.size)
+    return c.encode(**kw)
+
+
+MALFORMED = [
+    (U.IO(0xBA, 7), "heap", struct.pack("=II", 8, 0), errno.EINVAL),
+    (U.IO(0xBA, 0xFF), "null", b"", errno.EINVAL),
+    (GS, "null", b"", errno.EFAULT),
+    (GS, "unmapped", b"", errno.EFAULT),
+    (U.LIVEUPDATE_IOCTL_FD_PRESERVE, "null", b"", errno.EFAULT),
+    (U.IO(0x42, 3), "heap", struct.pack("=II", 8, 0), errno.ENOTTY),
+    (U.IOWR(0xBA, 4, 8), "heap", struct.pack("=II", 8, 0), errno.ENOTTY),
+    (GS, "heap", struct.pack("=II", 7, 0), errno.EINVAL),
+    (U.LIVEUPDATE_IOCTL_GET_FD_STATE, "heap", struct.pack("=IIII", 12, 0, 0, 0), errno.EINVAL),
+    (GS, "heap", struct.pack("=III", 12, 0, 1), errno.E2BIG),
+    (GS, "pageend", struct.pack("=IIIIII", 24, 0, 0, 0, 0, 0x100), errno.E2BIG),
+    (GS, "pageend", struct.pack("=IIII", 4096, 0, 0, 0), errno.EFAULT),
+    (GS, "pageend", struct.pack("=I", 8), errno.EFAULT),
+    (GS, "pageend", struct.pack("=II", 0xFFFFFFFF, 0), errno.EFAULT),
+    (GS, "readonly", struct.pack("=II", 8, 0), errno.EFAULT),
+    (U.LIVEUPDATE_IOCTL_SET_EVENT, "heap", struct.pack("=II", 8, 7), errno.EINVAL),
+    (GS, "heap", struct.pack("=IIII", 16, 0x55, 0, 0), 0),
+]
+
+
+def session(device: str, tmpdir: Path) -> None:
+    """Every ioctl, successful and failing, plus open/EBUSY/read/write, as one client."""
+    c = PyClient()
+    try:
+        c.open(device)
+        with pytest.raises(OSError) as ei:
+            PyClient().open(device)
+        assert ei.value.errno == errno.EBUSY
+        for cmd, where, data, want in MALFORMED:
+            assert c.ioctl(cmd, data, where)[1] == want, (hex(cmd), where, data)
+        mem, empty = c.memfd(5000), c.memfd(0)
+        null = c.openfile("/dev/null", "w")
+        opath = c.openfile("/", "path")
+        P, UNP = U.LIVEUPDATE_IOCTL_FD_PRESERVE, U.LIVEUPDATE_IOCTL_FD_UNPRESERVE
+        assert c.ioctl(P, enc("fd_preserve", fd=mem, token=1))[1] == 0
+        assert c.ioctl(P, enc("fd_preserve", fd=mem, token=2))[1] == 0
+        assert c.ioctl(P, enc("fd_preserve", fd=mem, token=1))[1] == errno.EEXIST
+        assert c.ioctl(P, enc("fd_preserve", fd=null, token=3))[1] == errno.ENOENT
+        assert c.ioctl(P, enc("fd_preserve", fd=opath, token=3))[1] == errno.EBADF
+        assert c.ioctl(P, enc("fd_preserve", fd=999, token=3))[1] == errno.EBADF
+        assert c.ioctl(P, enc("fd_preserve", fd=empty, token=4))[1] == 0
+        SFE, GFS, SE = U.LIVEUPDATE_IOCTL_SET_FD_EVENT, U.LIVEUPDATE_IOCTL_GET_FD_STATE, U.LIVEUPDATE_IOCTL_SET_EVENT
+        assert c.ioctl(SFE, enc("set_fd_event", token=2, event=U.LIVEUPDATE_PREPARE))[1] == 0
+        assert c.ioctl(GFS, enc("get_fd_state", token=2))[1] == 0
+        assert c.ioctl(GFS, enc("get_fd_state", token=2, incoming=1))[1] == errno.ENOENT
+        assert c.ioctl(SFE, enc("set_fd_event", token=2, event=U.LIVEUPDATE_FREEZE))[1] == 0
+        assert c.ioctl(SFE, enc("set_fd_event", token=2, event=U.LIVEUPDATE_CANCEL))[1] == 0
+        assert c.ioctl(SFE, enc("set_fd_event", token=2, event=U.LIVEUPDATE_FINISH))[1] == errno.EBUSY
+        assert c.ioctl(SE, enc("set_event", event=U.LIVEUPDATE_PREPARE))[1] == errno.EINVAL  # empty memfd
+        assert c.ioctl(UNP, enc("fd_unpreserve", token=4))[1] == 0
+        assert c.ioctl(UNP, enc("fd_unpreserve", token=4))[1] == errno.ENOENT
+        assert c.ioctl(SE, enc("set_event", event=U.LIVEUPDATE_CANCEL))[1] == errno.ENOENT
+        assert c.ioctl(SE, enc("set_event", event=U.LIVEUPDATE_PREPARE))[1] == 0
+        assert c.ioctl(P, enc("fd_preserve", fd=mem, token=5))[1] == errno.EBUSY
+        assert c.ioctl(U.LIVEUPDATE_IOCTL_FD_RESTORE, enc("fd_restore", token=1))[1] == errno.EBUSY
+        assert c.ioctl(GS, enc("get_state"))[1] == 0
+        assert c.ioctl(SE, enc("set_event", event=U.LIVEUPDATE_CANCEL))[1] == 0
+        assert c.read() == (-1, errno.EINVAL)
+        assert c.write() == (-1, errno.EINVAL)
+    finally:
+        c.quit()
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def recorded(public_dir: Path, tmp_path: Path, transport_name: str) -> Path:
+    """The trace of ``session`` on a fresh emulator (served with --trace, stopped cleanly)."""
+    trace = tmp_path / "session.jsonl"
+    with ServerProc(str(public_dir / "rec"), transport_name, "--trace", str(trace)) as srv:
+        srv.start()
+        session(srv.device, tmp_path)
+        wait_for(lambda: any(r["type"] == "release" for r in records(trace)))
+    return trace
+
+
+def test_record_and_replay_every_ioctl(recorded: Path, public_dir: Path, transport_name: str) -> None:
+    assert stat.S_IMODE(recorded.stat().st_mode) == 0o600
+    recs = records(recorded)
+    head = recs[0]
+    assert head["type"] == "header" and head["format"] == 1 and head["abi"] == "v3"
+    assert head["endian"] == sys.byteorder and head["arch"] and head["emulator"].startswith("cusedev ")
+    ioctls = [r for r in recs if r["type"] == "ioctl"]
+    assert {r["name"] for r in ioctls} >= set(U.IOCTL_NAMES.values()) | {"unknown"}
+    assert len(ioctls) == len(MALFORMED) + 22
+    seqs = [r["seq"] for r in recs[1:]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    pres = next(r for r in ioctls if r["name"].endswith("FD_PRESERVE") and r["errno"] == 0)
+    assert pres["file"]["kind"] == "shmem" and pres["file"]["size"] == 5000 and len(pres["file"]["sha256"]) == 64
+    assert pres["pid"] == os.getpid() and pres["comm"] and pres["in"]["token"] == 1
+    prep = next(r for r in ioctls if r["name"] == "LIVEUPDATE_IOCTL_SET_EVENT"
+                and r["in"]["event"] == "LIVEUPDATE_PREPARE" and r["errno"] == 0)
+    assert (prep["state_before"], prep["state_after"]) == ("normal", "prepared")
+    gs = next(r for r in ioctls if r["name"].endswith("GET_STATE") and r["errno"] == 0)
+    assert gs["out"]["state"].startswith("LIVEUPDATE_STATE_") and gs["out_hex"] and gs["dur_us"] >= 0
+    null = next(r for r in ioctls if r["arg"] == 0 and r["name"].endswith("GET_STATE"))
+    assert (null["ret"], null["errno"], null["err"]) == (-1, errno.EFAULT, "EFAULT")
+    assert {r["type"] for r in recs} >= {"open", "release", "read", "write", "state"}
+    assert any(r["type"] == "open" and r["errno"] == errno.EBUSY for r in recs)
+
+    with ServerProc(str(public_dir / "fresh"), transport_name) as srv:
+        srv.start()
+        r = cli("trace", "replay", str(recorded), "--device", srv.device)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert " 0 divergences" in r.stdout
+        assert "DIVERGED" not in r.stdout
+
+
+def test_edited_trace_diverges(recorded: Path, public_dir: Path, transport_name: str, tmp_path: Path) -> None:
+    recs = records(recorded)
+    # claim the emptied-memfd PREPARE succeeded, and that a GET_STATE saw another state
+    bad = next(r for r in recs if r["type"] == "ioctl" and r["name"] == "LIVEUPDATE_IOCTL_SET_EVENT"
+               and r["in"]["event"] == "LIVEUPDATE_PREPARE")
+    bad["errno"], bad["ret"] = 0, 0
+    gs = next(r for r in recs if r["type"] == "ioctl" and r["name"].endswith("GET_STATE") and r["errno"] == 0)
+    gs["out_hex"] = gs["out_hex"][:8] + struct.pack("=I", U.LIVEUPDATE_STATE_FROZEN).hex() + gs["out_hex"][16:]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with ServerProc(str(public_dir / "fresh"), transport_name) as srv:
+        srv.start()
+        r = cli("trace", "replay", "-q", str(edited), "--device", srv.device)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"record {bad['seq']}: ioctl LIVEUPDATE_IOCTL_SET_EVENT: DIVERGED: errno: recorded 0, got EINVAL" \
+        in r.stdout
+    assert re.search(rf"record {gs['seq']}: .*DIVERGED: output state", r.stdout), r.stdout
+    assert "2 divergences" in r.stdout
+
+
+def test_show(recorded: Path) -> None:
+    out = cli("trace", "show", str(recorded), check=True).stdout
+    assert "\033[" not in out  # not a terminal: no colours
+    lines = out.splitlines()
+    stamp = r"\d\d:\d\d:\d\d\.\d{6}"
+    who = rf"\[pid {os.getpid()} [^\]]+\]"
+    assert any(re.fullmatch(rf"{stamp} {who} ioctl\(LIVEUPDATE_IOCTL_SET_EVENT, \{{size=8, "
+                            rf"event=LIVEUPDATE_PREPARE\}}\) = 0 <normal → prepared> \d+us", ln) for ln in lines), out
+    assert any(re.fullmatch(rf"{stamp} {who} ioctl\(LIVEUPDATE_IOCTL_SET_EVENT, \{{size=8, event=7\}}\) "
+                            r"= -1 EINVAL \(Invalid argument\) <normal> \d+us", ln) for ln in lines), out
+    assert any(re.search(r"ioctl\(LIVEUPDATE_IOCTL_GET_STATE, NULL\) = -1 EFAULT \(Bad address\)", ln)
+               for ln in lines)
+    assert any(re.search(r"ioctl\(0xba07, 0x[0-9a-f]+\) = -1 EINVAL", ln) for ln in lines)
+    assert any(re.search(r"ioctl\(LIVEUPDATE_IOCTL_GET_STATE, \{size=8\} => \{state=LIVEUPDATE_STATE_PREPARED\}\) "
+                         r"= 0 <prepared>", ln) for ln in lines), out
+    assert any(re.search(r"open\(O_RDWR.*\) = -1 EBUSY \(Device or resource busy\)", ln) for ln in lines)
+    assert any("--- state normal → prepared ---" in ln for ln in lines)
+    only = cli("trace", "show", "--cmd", "SET_EVENT", str(recorded), check=True).stdout.splitlines()
+    assert only and all("ioctl(LIVEUPDATE_IOCTL_SET_EVENT," in ln for ln in only)
+    assert cli("trace", "show", "--pid", "1", str(recorded), check=True).stdout == ""
+    js = cli("trace", "show", "--json", "--cmd", "LIVEUPDATE_IOCTL_FD_PRESERVE", "--pid", str(os.getpid()),
+             str(recorded), check=True).stdout.splitlines()
+    recs = [json.loads(ln) for ln in js]
+    assert recs[0]["type"] == "header" and len(recs) > 5
+    assert all(r["name"] == "LIVEUPDATE_IOCTL_FD_PRESERVE" for r in recs[1:])
+
+
+def test_trace_start_stop_at_runtime(served_device: ServerProc, tmp_path: Path) -> None:
+    trace = tmp_path / "rt.jsonl"
+    old = os.umask(0)
+    try:
+        cli("trace", "start", str(trace), "--device", served_device.device, check=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(trace.stat().st_mode) == 0o600
+    c = PyClient()
+    c.open(served_device.device)
+    assert c.ioctl(GS, enc("get_state"))[1] == 0
+    cli("trace", "stop", "--device", served_device.device, check=True)
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_SET_EVENT, enc("set_event", event=9))[1] == errno.EINVAL
+    c.quit()
+    kinds = [(r["type"], r.get("name")) for r in records(trace)]
+    assert kinds == [("header", None), ("open", None), ("ioctl", "LIVEUPDATE_IOCTL_GET_STATE")]
+
+
+def kexec_session(device: str) -> None:
+    c = PyClient()
+    c.open(device)
+    fd = c.memfd(12345)
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_FD_PRESERVE, enc("fd_preserve", fd=fd, token=42))[1] == 0
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_SET_EVENT, enc("set_event", event=U.LIVEUPDATE_PREPARE))[1] == 0
+    cli("kexec", "--device", device, check=True)
+    c.quit()
+    c = PyClient()
+    c.open(device)
+    assert c.ioctl(GS, enc("get_state"))[1] == 0
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_GET_FD_STATE, enc("get_fd_state", token=42, incoming=1))[1] == 0
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_SET_FD_EVENT, enc("set_fd_event", token=42, event=U.LIVEUPDATE_FINISH))[1] == 0
+    assert c.ioctl(U.LIVEUPDATE_IOCTL_SET_EVENT, enc("set_event", event=U.LIVEUPDATE_FINISH))[1] == 0
+    c.quit()
+
+
+def test_replay_across_kexec(public_dir: Path, tmp_path: Path, transport_name: str) -> None:
+    trace = tmp_path / "kexec.jsonl"
+    with ServerProc(str(public_dir / "rec"), transport_name, "--trace", str(trace)) as srv:
+        srv.start()
+        kexec_session(srv.device)
+        wait_for(lambda: sum(r["type"] == "release" for r in records(trace)) == 2)
+    kx = [r for r in records(trace) if r["type"] == "kexec"]
+    assert len(kx) == 1 and kx[0]["live"] and kx[0]["state_after"] == "updated"
+    assert "--- kexec: live update, update_count=1 ---" in cli("trace", "show", str(trace), check=True).stdout
+    # one go: the kexec goes through the emulator's control socket
+    with ServerProc(str(public_dir / "one"), transport_name) as srv:
+        srv.start()
+        r = cli("trace", "replay", str(trace), "--device", srv.device)
+        assert r.returncode == 0 and " 0 divergences" in r.stdout, r.stdout + r.stderr
+    # two stages, as against a kernel: stop at the kexec holding the device, reboot, replay the rest
+    with ServerProc(str(public_dir / "two"), transport_name) as srv:
+        srv.start()
+        p = subprocess.Popen([sys.executable, "-m", "cusedev.cli", "trace", "replay", "--stop-at-kexec", str(trace),
+                              "--device", srv.device], stdout=subprocess.PIPE, text=True, env=ENV, cwd=str(REPO))
+        try:
+            assert p.stdout is not None
+            out = ""
+            while "reached the kexec" not in out:
+                line = p.stdout.readline()
+                assert line, out
+                out += line
+            cli("kexec", "--device", srv.device, check=True)
+            out += p.stdout.read()
+            assert p.wait(30) == 0, out
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert " 0 divergences" in out and "LIVEUPDATE_IOCTL_SET_FD_EVENT" not in out
+        r = cli("trace", "replay", "--after-kexec", str(trace), "--device", srv.device)
+        assert r.returncode == 0 and " 0 divergences" in r.stdout, r.stdout + r.stderr
+        assert "LIVEUPDATE_IOCTL_FD_PRESERVE" not in r.stdout
