@@ -26,7 +26,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "30"))
+# The VM run is software-emulated (TCG) and may share 2 CPUs with other VMs: Python
+# start-up alone can take tens of seconds there.
+_IN_VM = os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse") == "cuse"
+READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "180" if _IN_VM else "30"))
+EXIT_TIMEOUT = 180.0 if _IN_VM else 30.0
 
 
 def _escape(path: str) -> str:
@@ -99,7 +103,7 @@ class ServerProc:
         self.ready_line = buf.decode().splitlines()[0]
         return self
 
-    def wait(self, timeout: float = 30) -> int:
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
@@ -111,7 +115,7 @@ class ServerProc:
             self.proc.stderr = None
         return self._stderr.decode(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = EXIT_TIMEOUT) -> int:
         """Signal the server and wait; returns its exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
@@ -135,7 +139,7 @@ class ServerProc:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
-                self.stop(timeout=10)  # let it clean up after itself first
+                self.stop(timeout=EXIT_TIMEOUT / 3)  # let it clean up after itself first
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
