@@ -22,6 +22,7 @@ is next seen, or when tracing stops.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import errno
 import fcntl
@@ -154,6 +155,7 @@ class Tracer:
         self._in_ioctl = False
         self._states: list[tuple[Any, Any]] = []
         self._write([self.header()])
+        atexit.register(self.close)  # records queued when the loop stops still reach the file
 
     def header(self) -> dict[str, Any]:
         return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.NAME,
@@ -185,6 +187,7 @@ class Tracer:
             self._write(fmt(*args) for fmt, args in q)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         for tid in list(self.pending):
             self._finish_pending(self.pending.pop(tid))
         self.flush()
