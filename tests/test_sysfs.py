@@ -15,11 +15,13 @@ import errno
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import _server
 import pytest
-from _server import REPO, ServerProc, mounts_mentioning
+from _server import READY_TIMEOUT, REPO, ServerProc, force_cleanup, mounts_mentioning
 
 from cusedev import paths
 from cusedev.client import LiveUpdateDevice
@@ -36,6 +38,10 @@ public_dir = _server.public_dir  # fixture
 NOBODY = 65534
 PRI = select.POLLPRI | select.POLLERR
 WATCH = REPO / "examples" / "sysfs_watch.py"
+# Python start-up dominates under TCG with other VMs on the same cores: be patient, fail only on a hang.
+START_TIMEOUT = max(READY_TIMEOUT, 120.0)
+WAKE_MS = 10_000  # an expected wake-up (returns as soon as it happens)
+QUIET_MS = 300  # how long "no wake-up" is watched
 
 
 class Emu:
@@ -58,13 +64,32 @@ def _serve(public_dir: Path, transport: str, *args: str, root: Path | None = Non
     return ServerProc(str(public_dir / "liveupdate"), transport, *extra, *args)
 
 
+@pytest.fixture(scope="module")
+def shared_emu(transport_name: str) -> Iterator[Emu]:
+    """One emulator for the tests that leave it as they found it (server start-up is slow in the VM)."""
+    d = Path(tempfile.mkdtemp(prefix="cusedev-sysfs-", dir="/tmp"))
+    d.chmod(0o755)
+    root = d / "sys"
+    try:
+        with _serve(d, transport_name, "--sysfs", "fuse", root=root) as srv:
+            srv.start(START_TIMEOUT)
+            yield Emu(srv, root)
+            assert srv.stop() == 0, srv.stderr()
+        assert mounts_mentioning(str(root)) == [] and not root.exists()
+    finally:
+        for p in d.iterdir():
+            force_cleanup(str(p))
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
-def emu(public_dir: Path, transport_name: str) -> Iterator[Emu]:
-    root = public_dir / "sys"
-    with _serve(public_dir, transport_name, "--sysfs", "fuse", root=root) as srv:
-        srv.start()
-        yield Emu(srv, root)
-    assert mounts_mentioning(str(root)) == []  # public_dir's cleanup umounts it if we failed
+def emu(shared_emu: Emu) -> Iterator[Emu]:
+    """The shared emulator, back to "normal" with nothing open after each test."""
+    yield shared_emu
+    with shared_emu.open() as d:
+        if d.state != d.state.NORMAL:
+            d.cancel()
+    assert shared_emu.state.read_bytes() == b"normal\n"
 
 
 def kexec(dev: str) -> str:
@@ -283,6 +308,7 @@ def test_root_setattr_sticks_like_kernfs(emu: Emu) -> None:
         os.open(emu.count, os.O_RDONLY)
     assert e.value.errno == errno.EACCES  # kernfs_fop_open's extra permission check
     os.chmod(emu.count, 0o444)
+    os.chown(emu.count, 0, 0)
     assert emu.count.read_bytes() == b"0\n"
 
 
@@ -313,18 +339,16 @@ def test_poll_wakes_on_change_then_quiet(emu: Emu) -> None:
     fd = os.open(emu.state, os.O_RDONLY)
     try:
         assert os.read(fd, 4096) == b"normal\n"
-        assert pri(fd, 300) == 0  # no change, no wake-up
+        assert pri(fd, QUIET_MS) == 0  # no change, no wake-up
         with emu.open() as d:
             t = start_poller(fd)
             d.prepare()
-            done = time.perf_counter()
-            t.join(10)
+            t.join(20)
             assert t.result == PRI and t.value == b"prepared\n"
-            print(f"state wake-up latency after the ioctl returned: {(t.woke_at - done) * 1e6:.0f} us")
-            assert pri(fd, 300) == 0  # re-read: quiet again
+            assert pri(fd, QUIET_MS) == 0  # re-read: quiet again
             t = start_poller(fd)
             d.cancel()
-            t.join(10)
+            t.join(20)
             assert t.result == PRI and t.value == b"normal\n"
     finally:
         os.close(fd)
@@ -342,7 +366,7 @@ def test_only_own_changes_wake(emu: Emu) -> None:
             d.unpreserve(7)
             assert pri(sfd, 200) == 0
             d.prepare()
-            assert pri(sfd, 2000) == PRI and pri(cfd, 300) == 0
+            assert pri(sfd, WAKE_MS) == PRI and pri(cfd, QUIET_MS) == 0
             d.cancel()
     finally:
         for fd in (sfd, cfd, mfd):
@@ -357,11 +381,11 @@ def test_changes_coalesce(emu: Emu) -> None:
             d.prepare()
             d.cancel()
             d.prepare()
-            assert pri(fd, 2000) == PRI
+            assert pri(fd, WAKE_MS) == PRI
             assert reread(fd) == b"prepared\n"  # the latest value, once
-            assert pri(fd, 300) == 0
+            assert pri(fd, QUIET_MS) == 0
             d.cancel()
-            assert pri(fd, 2000) == PRI
+            assert pri(fd, WAKE_MS) == PRI
             assert os.pread(fd, 4096, 0) == b"normal\n"  # pread(0) re-reads too
             assert pri(fd, 0) == 0
     finally:
@@ -377,7 +401,7 @@ def test_select_exceptfds(emu: Emu) -> None:
         with emu.open() as d:
             t = start_poller(fd, lambda fd: select.select([], [], [fd], 10))
             d.prepare()
-            t.join(10)
+            t.join(20)
             assert t.result == ([], [], [fd]) and t.value == b"prepared\n"
             d.cancel()
     finally:
@@ -394,7 +418,7 @@ def test_epoll_pri(emu: Emu) -> None:
         with emu.open() as d:
             t = start_poller(fd, lambda fd: ep.poll(10))
             d.prepare()
-            t.join(10)
+            t.join(20)
             assert t.result == [(fd, select.EPOLLPRI | select.EPOLLERR)] and t.value == b"prepared\n"
             assert ep.poll(0.3) == []
             d.cancel()
@@ -413,7 +437,7 @@ def test_two_readers_both_woken(emu: Emu) -> None:
             threads = [start_poller(fd) for fd in fds]
             d.prepare()
             for t in threads:
-                t.join(10)
+                t.join(20)
                 assert t.result == PRI and t.value == b"prepared\n"
             d.cancel()
     finally:
@@ -457,7 +481,7 @@ def test_stuck_readers_do_not_delay_ioctls(emu: Emu) -> None:
         stuck = _ioctl_times(emu, 50)
         med_base, med_stuck = base[len(base) // 2], stuck[len(stuck) // 2]
         print(f"prepare/cancel median: {med_base * 1e6:.0f} us alone, {med_stuck * 1e6:.0f} us with stuck readers")
-        assert stuck[-1] < 0.5 and med_stuck < 3 * med_base + 0.002
+        assert stuck[-1] < 2 and med_stuck < 3 * med_base + 0.002
         assert emu.state.read_bytes() == b"normal\n"
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -466,26 +490,41 @@ def test_stuck_readers_do_not_delay_ioctls(emu: Emu) -> None:
 
 
 # -- update_count and the full cycle ---------------------------------------------------------------
-def test_watcher_across_prepare_kexec_finish(emu: Emu) -> None:
+def _readline(p: subprocess.Popen[str], timeout: float = 60) -> str:
+    assert p.stdout is not None
+    if not select.select([p.stdout], [], [], timeout)[0]:
+        raise AssertionError(f"no line from the watcher within {timeout}s")
+    return p.stdout.readline()
+
+
+def test_watcher_across_prepare_kexec_finish(public_dir: Path, transport_name: str) -> None:
     """examples/sysfs_watch.py prints each change with a timestamp; update_count wakes only on the kexec."""
+    root = public_dir / "sys"
+    with _serve(public_dir, transport_name, "--sysfs", "fuse", root=root) as srv:
+        srv.start(START_TIMEOUT)
+        _watch_cycle(Emu(srv, root))
+    assert mounts_mentioning(str(root)) == [] and not root.exists()
+
+
+def _watch_cycle(emu: Emu) -> None:
     cfd = os.open(emu.count, os.O_RDONLY)
     w = subprocess.Popen([sys.executable, str(WATCH), str(emu.state)], stdout=subprocess.PIPE, text=True)
     assert w.stdout is not None
     try:
-        lines = [w.stdout.readline()]
+        lines = [_readline(w)]
         assert lines[0].endswith(" normal\n")
         assert os.read(cfd, 4096) == b"0\n"
         with emu.open() as d:
             d.prepare()
-        lines.append(w.stdout.readline())
+        lines.append(_readline(w))
         assert pri(cfd, 200) == 0
         out = kexec(emu.dev)
         assert "live update" in out and "update_count=1" in out
-        lines.append(w.stdout.readline())
-        assert pri(cfd, 2000) == PRI and reread(cfd) == b"1\n"
+        lines.append(_readline(w))
+        assert pri(cfd, WAKE_MS) == PRI and reread(cfd) == b"1\n"
         with emu.open() as d:
             d.finish()
-        lines.append(w.stdout.readline())
+        lines.append(_readline(w))
         stamps = []
         for line, want in zip(lines, ("normal", "prepared", "updated", "normal"), strict=True):
             m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}) (\w+)\n", line)
@@ -495,12 +534,12 @@ def test_watcher_across_prepare_kexec_finish(emu: Emu) -> None:
         assert emu.state.read_bytes() == b"normal\n" and emu.count.read_bytes() == b"1\n"
         # A plain kexec (not prepared) resets the counter: a change, so a wake-up.
         kexec(emu.dev)
-        assert pri(cfd, 2000) == PRI and reread(cfd) == b"0\n"
+        assert pri(cfd, WAKE_MS) == PRI and reread(cfd) == b"0\n"
         # The emulator going away wakes the watcher with POLLERR; its re-read fails and it exits.
         os.close(cfd)
         cfd = -1
         assert emu.srv.stop() == 0
-        assert w.wait(10) == 1
+        assert w.wait(30) == 1
     finally:
         if cfd >= 0:
             os.close(cfd)
@@ -515,7 +554,7 @@ def test_default_root_and_cleanup(public_dir: Path, transport_name: str) -> None
     dev = str(public_dir / "liveupdate")
     root = os.path.join(paths.runtime_dir(dev), "sys")
     with _serve(public_dir, transport_name) as srv:
-        srv.start()
+        srv.start(START_TIMEOUT)
         assert Path(root, "kernel/liveupdate/state").read_bytes() == b"normal\n"
         assert mounts_mentioning(dev) != []
         assert srv.stop() == 0
@@ -526,7 +565,7 @@ def test_default_root_and_cleanup(public_dir: Path, transport_name: str) -> None
 def test_no_sysfs(public_dir: Path, transport_name: str) -> None:
     dev = str(public_dir / "liveupdate")
     with _serve(public_dir, transport_name, "--no-sysfs") as srv:
-        srv.start()
+        srv.start(START_TIMEOUT)
         assert not os.path.exists(os.path.join(paths.runtime_dir(dev), "sys"))
 
 
@@ -556,7 +595,7 @@ def test_files_fallback(public_dir: Path, transport_name: str) -> None:
     """Plain files: same paths and contents, replaced atomically (inotify IN_MOVED_TO), removed on stop."""
     root = public_dir / "sysfiles"
     with _serve(public_dir, transport_name, "--sysfs", "files", root=root) as srv:
-        srv.start()
+        srv.start(START_TIMEOUT)
         e = Emu(srv, root)
         assert mounts_mentioning(str(root)) == []
         assert e.state.read_bytes() == b"normal\n" and e.count.read_bytes() == b"0\n"
