@@ -614,3 +614,38 @@ def test_files_fallback(public_dir: Path, transport_name: str) -> None:
             os.close(watch.fd)  # type: ignore[attr-defined]
         assert srv.stop() == 0
     assert not root.exists()
+
+
+def test_python_api_in_process(public_dir: Path, transport_name: str) -> None:
+    """``Server(sysfs=..., sysfs_root=...)`` on the caller's loop; the core's changes reach a poller."""
+    import asyncio
+
+    from cusedev.server import Server
+
+    path, root = str(public_dir / "inproc"), public_dir / "inproc-sys"
+    state = root / "kernel/liveupdate/state"
+
+    def reader() -> tuple[bytes, int, bytes]:
+        fd = os.open(state, os.O_RDONLY)
+        try:
+            first = os.read(fd, 4096)
+            with LiveUpdateDevice(path) as d:
+                d.prepare()
+                woke = pri(fd, WAKE_MS)
+                d.cancel()
+            return first, woke, reread(fd)
+        finally:
+            os.close(fd)
+
+    async def main() -> None:
+        async with Server(path, transport_name, sysfs="fuse", sysfs_root=str(root)) as srv:
+            assert srv.sysfs.kind == "fuse" and srv.sysfs.root == str(root)
+            assert await asyncio.to_thread(reader) == (b"normal\n", PRI, b"normal\n")
+            assert srv.handler.core.listeners  # type: ignore[union-attr]
+        assert mounts_mentioning(str(root), path) == [] and not root.exists()
+
+    try:
+        asyncio.run(main())
+    finally:
+        force_cleanup(str(root))
+        force_cleanup(path)
