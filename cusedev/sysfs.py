@@ -456,7 +456,7 @@ class FuseSysfs(SysfsTree):
         loop = asyncio.get_running_loop()
         try:
             if sysmount.is_mountpoint(self.root):
-                raise SysfsError(f"{self.root}: something is already mounted there")
+                raise SysfsError(f"{self.root}: something is already mounted there (a dead emulator? umount -l it)")
             self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             self._makedirs(self.root)
             opts = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
