@@ -17,8 +17,12 @@ import os
 import pwd
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .device import DeviceHandler
 
 
 class CliError(Exception):
@@ -91,7 +95,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _traced_handler(handler: object, trace_path: str | None, rules: list[str]) -> object:
+def _traced_handler(handler: DeviceHandler | None, trace_path: str | None, rules: list[str]) -> DeviceHandler:
     """The LUO device with its rules and trace set up before serving (bad rules fail here, not later)."""
     from . import trace
     from .handles import LiveUpdateDevice

@@ -178,13 +178,13 @@ class ControlServer:
             c.send({"ok": False, "error": str(e)})
             return
         if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            task = asyncio.ensure_future(result)
+            task: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(result)
             task.add_done_callback(
                 lambda t: c.send(
                     t.result() if not t.exception() else {"ok": False, "error": str(t.exception())}
                 )
             )
-        elif result is not None:
+        elif isinstance(result, dict):
             c.send(result)
 
 

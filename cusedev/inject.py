@@ -17,6 +17,7 @@ counts the calls matching the rule (1-based), as strace does.
 
 from __future__ import annotations
 
+import builtins
 import errno as errno_mod
 import re
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ class Injector:
         refresh(self.device)
 
     # -- ioctls: decide without committing (a CUSE retry round re-runs the same call) -----------
-    def match(self, cmd: int) -> tuple[Rule | None, list[Rule]]:
+    def match(self, cmd: int) -> tuple[Rule | None, builtins.list[Rule]]:
         """(rule that fires for this call, rules whose count it advances) — see ``commit``."""
         fired = None
         counted = []
@@ -176,7 +177,7 @@ class Injector:
         return fired, counted
 
     @staticmethod
-    def commit(counted: list[Rule]) -> None:
+    def commit(counted: builtins.list[Rule]) -> None:
         for r in counted:
             r.hits += 1
 

@@ -277,6 +277,7 @@ class RetryMemory:
             b = self._out[i]
             if b is None:
                 a, n = self.out_ranges[i]
-                b = self._delivered(a, n) or bytes(n)
-            parts.append(bytes(b))
+                parts.append(bytes(self._delivered(a, n) or bytes(n)))
+            else:
+                parts.append(bytes(b))
         return b"".join(parts)

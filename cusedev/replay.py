@@ -225,10 +225,11 @@ class Replayer:
                     fd += 1
                 except OSError:
                     return fd
+        assert info is not None  # kind came from it
         key = (kind, info.get("dev"), info.get("ino"))
-        fd = self.standins.get(key)
-        if fd is not None:
-            return fd
+        known = self.standins.get(key)
+        if known is not None:
+            return known
         if kind == "opath":
             fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
         elif kind == "other":
@@ -368,8 +369,8 @@ def _hold_until_kexec(rep: Replayer, out: TextIO) -> None:
                 break
             time.sleep(0.1)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        for s, prev in old.items():
+            signal.signal(s, prev)
 
 
 def replay(path: str, device: str, *, stop_at_kexec: bool = False, after_kexec: bool = False,

@@ -19,7 +19,7 @@ import functools
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cffi
 
@@ -86,6 +86,12 @@ _lib = ffi.dlopen(None)
 CONSTANTS: Mapping[str, int] = {n: getattr(_lib, n) for n in dir(_lib) if isinstance(getattr(_lib, n), int)}
 globals().update(CONSTANTS)
 __all__ += sorted(CONSTANTS)
+
+if TYPE_CHECKING:
+    # The constants above (and the LIVEUPDATE_IOCTL_* numbers below) are created at import time;
+    # this tells mypy that any other module attribute is one of those ints.  Type-checking only:
+    # at run time a missing name still raises AttributeError as usual.
+    def __getattr__(name: str) -> int: ...
 
 # --------------------------------------------------------------------------
 # ioctl numbers, as <asm-generic/ioctl.h> (x86, arm64, riscv: not alpha/mips/
