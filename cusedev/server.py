@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -208,6 +209,27 @@ class Server:
         await self.stop()
 
 
+def sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify``) about ``state`` ("READY=1", "STOPPING=1") if it is listening.
+
+    The protocol is one datagram to the AF_UNIX socket named by ``NOTIFY_SOCKET``
+    (a leading ``@`` means the abstract namespace), so no libsystemd is needed.
+    Returns whether a message was sent; never raises: a missing or broken
+    socket must not stop the emulator.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr or addr[0] not in "/@":
+        return False
+    target = "\0" + addr[1:] if addr[0] == "@" else addr
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), target)
+    except OSError as e:
+        log.warning("NOTIFY_SOCKET %s: %s", addr, e.strerror)
+        return False
+    return True
+
+
 def ready_line(server: Server) -> str:
     return f"cusedev: {server.device_path} ready (transport={server.transport_name}, pid={os.getpid()})"
 
@@ -220,11 +242,13 @@ async def serve(device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = Server(device_path, transport, **kwargs)
+    notified = False
     try:
         await server.start()
         await server.start_runtime()
         if on_ready is not None:
             on_ready(server)
+        notified = sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={ready_line(server)}")
         closed = asyncio.ensure_future(server.wait_closed())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -233,6 +257,8 @@ async def serve(device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
         if closed.done() and not stopped.done():
             log.warning("%s: the kernel closed the connection", device_path)
     finally:
+        if notified:
+            sd_notify("STOPPING=1")
         await server.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
