@@ -15,7 +15,7 @@ from typing import Any
 from . import uapi
 from .core import Event, State
 
-__all__ = ["Event", "LiveUpdateDevice", "State"]
+__all__ = ["Event", "LiveUpdateDevice", "State", "new_struct"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -25,6 +25,19 @@ _ioctl.restype = ctypes.c_int
 
 def _ctype(name: str) -> str:
     return f"struct liveupdate_ioctl_{name}"
+
+
+def new_struct(name: str, size: int | None = None, **fields: int) -> Any:
+    """A zeroed ``struct liveupdate_ioctl_<name>`` (cffi pointer) for ``LiveUpdateDevice.ioctl``.
+
+    ``size`` defaults to the real ``sizeof``; pass another value to test the
+    kernel's size checks (EINVAL below min_size, E2BIG for a non-zero tail).
+    """
+    s = uapi.ffi.new(_ctype(name) + " *")
+    s.size = uapi.ffi.sizeof(_ctype(name)) if size is None else size
+    for k, v in fields.items():
+        setattr(s, k, v)
+    return s
 
 
 class LiveUpdateDevice:
@@ -66,34 +79,38 @@ class LiveUpdateDevice:
         return self.ioctl_raw(cmd, ctypes.addressof(buf))
 
     def _call(self, cmd: int, name: str, **fields: int) -> Any:
-        s = uapi.ffi.new(_ctype(name) + " *")
-        s.size = uapi.ffi.sizeof(_ctype(name))
-        for k, v in fields.items():
-            setattr(s, k, v)
+        s = new_struct(name, **fields)
         self.ioctl(cmd, s)
         return s
 
     # -- typed calls -----------------------------------------------------------------------------
     @property
     def state(self) -> State:
+        """GET_STATE: the global state."""
         return State(self._call(uapi.LIVEUPDATE_IOCTL_GET_STATE, "get_state").state)
 
     def set_event(self, event: int) -> None:
+        """SET_EVENT with any value (``Event`` member or a raw int, e.g. FREEZE → EINVAL)."""
         self._call(uapi.LIVEUPDATE_IOCTL_SET_EVENT, "set_event", event=int(event))
 
     def prepare(self) -> None:
+        """SET_EVENT(PREPARE): NORMAL → PREPARED (EINVAL elsewhere; EEXIST if KHO was finalized)."""
         self.set_event(Event.PREPARE)
 
     def cancel(self) -> None:
+        """SET_EVENT(CANCEL): PREPARED/FROZEN → NORMAL (ENOENT when KHO is not finalized)."""
         self.set_event(Event.CANCEL)
 
     def finish(self) -> None:
+        """SET_EVENT(FINISH): UPDATED → NORMAL; incoming files never restored are dropped."""
         self.set_event(Event.FINISH)
 
     def preserve(self, fd: int, token: int) -> None:
+        """FD_PRESERVE: register a memfd (or unlinked tmpfs file) ``fd`` of this process under ``token``."""
         self._call(uapi.LIVEUPDATE_IOCTL_FD_PRESERVE, "fd_preserve", fd=fd, token=token)
 
     def unpreserve(self, token: int) -> None:
+        """FD_UNPRESERVE: drop the outgoing file ``token``."""
         self._call(uapi.LIVEUPDATE_IOCTL_FD_UNPRESERVE, "fd_unpreserve", token=token)
 
     def restore(self, token: int) -> int:
@@ -101,10 +118,12 @@ class LiveUpdateDevice:
         return int(self._call(uapi.LIVEUPDATE_IOCTL_FD_RESTORE, "fd_restore", token=token).fd)
 
     def fd_state(self, token: int, incoming: bool = False) -> State:
+        """GET_FD_STATE of an outgoing (or, with ``incoming=True``, incoming) file."""
         s = self._call(
             uapi.LIVEUPDATE_IOCTL_GET_FD_STATE, "get_fd_state", token=token, incoming=int(incoming)
         )
         return State(s.state)
 
     def set_fd_event(self, token: int, event: int) -> None:
+        """SET_FD_EVENT: one file's PREPARE/FREEZE/CANCEL (outgoing) or FINISH (incoming)."""
         self._call(uapi.LIVEUPDATE_IOCTL_SET_FD_EVENT, "set_fd_event", token=token, event=int(event))
