@@ -455,6 +455,8 @@ class FuseSysfs(SysfsTree):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
+            if sysmount.clear_stale_fuse(self.root, ("fuse.cusedev-sysfs",)):
+                log.warning("%s: cleared a stale sysfs mount left by an emulator that died", self.root)
             if sysmount.is_mountpoint(self.root):
                 raise SysfsError(f"{self.root}: something is already mounted there (a dead emulator? umount -l it)")
             self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 MS_NOSUID = 2
@@ -52,3 +53,39 @@ def mountpoints() -> list[str]:
 
 def is_mountpoint(path: str) -> bool:
     return os.path.abspath(path) in mountpoints()
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type of the topmost mount at ``path`` (None if ``path`` is not a mount point)."""
+    want = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ")
+            if _unescape(fields[4]) == want:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def clear_stale_fuse(path: str, fstypes: tuple[str, ...]) -> bool:
+    """Lazy-unmount ``path`` if a *dead* FUSE server of one of ``fstypes`` left it mounted.
+
+    A killed emulator's mounts stay and answer ENOTCONN (the connection is
+    aborted with its /dev/fuse fd).  A live server answers statfs(), and a mount of
+    any other type is someone else's: both are left alone (False).  Repeats for
+    stacked mounts; True if anything was cleared.
+    """
+    cleared = False
+    for _ in range(8):
+        if mount_fstype(path) not in fstypes:
+            break
+        try:
+            os.statvfs(path)  # never answered from the attribute cache, unlike stat()
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                break
+        else:
+            break
+        umount_lazy(path)
+        cleared = True
+    return cleared

@@ -26,6 +26,7 @@ import asyncio
 import errno
 import logging
 import os
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,21 @@ KERNEL_MINOR_VERSION = uapi.FUSE_KERNEL_MINOR_VERSION
 _NO_REPLY_OPS = frozenset({uapi.FUSE_FORGET, uapi.FUSE_BATCH_FORGET, uapi.FUSE_INTERRUPT})
 
 _ENOSYS = OSError(errno.ENOSYS, "Function not implemented")
+_INTERRUPT = uapi.FUSE_INTERRUPT
+_U64 = struct.Struct("=Q")
+_SIGKILL_BIT = 1 << (9 - 1)
+
+
+def _fatal_signal_pending(tid: int) -> bool:
+    """Whether thread ``tid`` is being killed (SIGKILL pending) or already gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+                    return True
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def _method_name(opcode_name: str) -> str:
@@ -154,6 +170,7 @@ class Session:
                 self._table[opcode] = meth
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        self._deferred: dict[int, tuple[asyncio.Future[Any], int]] = {}  # unique -> (future, caller tid)
         self.closed: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------
@@ -200,6 +217,10 @@ class Session:
             if n < _IN_HDR_SIZE:
                 continue
             _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = _unpack_in(mv, 0)
+            if opcode == _INTERRUPT:
+                if self._deferred and n >= _IN_HDR_SIZE + 8:
+                    self._interrupt(_U64.unpack_from(mv, _IN_HDR_SIZE)[0])
+                continue
             req = Request(unique, opcode, nodeid, uid, gid, pid)
             meth = table.get(opcode)
             try:
@@ -220,14 +241,29 @@ class Session:
             if res is None or isinstance(res, (bytes, bytearray, memoryview, list, tuple)):
                 self.reply(unique, res)
             else:
-                self._defer(unique, opcode, res)
+                self._defer(unique, opcode, res, pid)
 
-    def _defer(self, unique: int, opcode: int, aw: Any) -> None:
+    def _interrupt(self, unique: int) -> None:
+        """FUSE_INTERRUPT of a deferred request: drop it if its caller is dying.
+
+        A caller killed inside a request the server has read waits, unkillable,
+        for the reply: without this a slow (e.g. fault-injected) ioctl would keep
+        a SIGKILLed process — and its device release — alive until it ends.
+        Only fatal signals cancel: the real device's waits are killable, not
+        interruptible, so any other signal must not turn into EINTR.
+        """
+        entry = self._deferred.get(unique)
+        if entry is not None and _fatal_signal_pending(entry[1]):
+            entry[0].cancel()  # ``done`` replies EINTR, which nobody will read
+
+    def _defer(self, unique: int, opcode: int, aw: Any, tid: int = 0) -> None:
         fut = asyncio.ensure_future(aw, loop=self._loop)
         self._pending.add(fut)
+        self._deferred[unique] = (fut, tid)
 
         def done(f: asyncio.Future[Any]) -> None:
             self._pending.discard(f)
+            self._deferred.pop(unique, None)
             if f.cancelled():
                 self.reply_error(unique, errno.EINTR)
                 return

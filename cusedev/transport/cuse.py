@@ -164,12 +164,38 @@ class CuseTransport:
         if os.path.exists(self.sys_dir):
             raise TransportError(f"{self.device_path}: a CUSE device named {self.devname!r} already exists "
                                  "(another emulator?)")
-        for p in {self.device_path, self.dev_node}:
-            if os.path.lexists(p):
+        for p in (self.dev_node, self.device_path):  # the /dev node first: the symlink may point at it
+            if os.path.lexists(p) and not self._clear_stale(p):
                 raise TransportError(f"{p}: already exists")
         parent = os.path.dirname(self.device_path)
         if not os.path.isdir(parent):
             raise TransportError(f"{self.device_path}: parent directory does not exist")
+
+    def _clear_stale(self, path: str) -> bool:
+        """Remove a node a killed emulator left at ``path``; True if it was stale and is gone.
+
+        Only ours can be stale: a char device whose number no registered device
+        owns any more (/sys/dev/char/MAJ:MIN gone — the kernel dropped the CUSE
+        device with the dead emulator's fd), or a symlink to our /dev node that
+        no longer resolves.  A live device (a real /dev/liveupdate!) is kept.
+        """
+        try:
+            st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode):
+                owner = f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                if os.path.lexists(owner):
+                    return False
+            elif stat.S_ISLNK(st.st_mode):
+                if os.readlink(path) != self.dev_node or os.path.exists(path):
+                    return False
+            else:
+                return False
+            os.unlink(path)
+        except OSError as e:
+            log.warning("%s: cannot check or remove a stale node: %s", path, e.strerror)
+            return False
+        log.warning("%s: removed a stale node left by an emulator that died", path)
+        return True
 
     def _read_devt(self) -> tuple[int, int]:
         with open(os.path.join(self.sys_dir, "dev")) as f:

@@ -53,6 +53,7 @@ ROOT_ID = uapi.FUSE_ROOT_ID
 DEVICE_ID = 2
 DEVICE_NAME = "device"
 RUN_DIR = "/run/cusedev"
+FSTYPE = "fuse.cusedev"
 # Attributes only change through our own SETATTR replies, so let the kernel cache them.
 _TTL = 86400
 
@@ -188,6 +189,7 @@ class FuseFileTransport:
         parent = os.path.dirname(p)
         if not os.path.isdir(parent):
             raise TransportError(f"{p}: parent directory does not exist")
+        stale = self._clear_stale(p)
         try:
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -208,8 +210,22 @@ class FuseFileTransport:
             raise TransportError(f"{p}: a character device already exists there")
         if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
             raise TransportError(f"{p}: exists and is not an empty regular file")
+        # the placeholder under a dead emulator's mount was almost surely its own: remove it on stop
+        self._created_file = stale
+
+    @staticmethod
+    def _clear_stale(path: str) -> bool:
+        """Unmount what a killed emulator left at ``path`` (dead connection only), with a log line."""
+        try:
+            cleared = sysmount.clear_stale_fuse(path, (FSTYPE,))
+        except OSError as e:
+            raise TransportError(f"{path}: cannot clear a stale mount: {e.strerror}") from e
+        if cleared:
+            log.warning("%s: cleared a stale mount left by an emulator that died", path)
+        return cleared
 
     def _make_private_dir(self) -> None:
+        self._clear_stale(self.mnt)
         if sysmount.is_mountpoint(self.mnt):
             raise TransportError(f"{self.device_path}: already served (mount at {self.mnt})")
         os.makedirs(os.path.dirname(self.private_dir), mode=0o700, exist_ok=True)
@@ -232,7 +248,7 @@ class FuseFileTransport:
                     "default_permissions")
             # The fd reads EPERM until mounted, so serve only afterwards; mount(2) itself
             # does not wait for FUSE_INIT (it is queued), but run it in a thread anyway.
-            await loop.run_in_executor(None, sysmount.mount, "cusedev", self.mnt, "fuse.cusedev",
+            await loop.run_in_executor(None, sysmount.mount, "cusedev", self.mnt, FSTYPE,
                                        sysmount.MS_NOSUID | sysmount.MS_NODEV, opts)
             self._mounted = True
             self.session = Session(self.fd, self.ops, name=f"fuse:{self.device_path}")
