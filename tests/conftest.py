@@ -23,6 +23,12 @@ def pytest_configure(config: pytest.Config) -> None:
     name = _transport_from_env()
     if name not in TRANSPORTS:
         raise pytest.UsageError(f"CUSEDEV_TEST_TRANSPORT={name!r}: expected one of {', '.join(TRANSPORTS)}")
+    # The fixtures of cusedev's pytest plugin (liveupdate_emulator, liveupdate_device) for a source
+    # checkout too; an installed cusedev has already loaded it through its pytest11 entry point.
+    import cusedev.pytest_plugin as plugin
+
+    if not config.pluginmanager.is_registered(plugin):
+        config.pluginmanager.register(plugin, "cusedev")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
