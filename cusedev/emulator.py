@@ -205,7 +205,6 @@ class Emulator:
             return self
         if os.geteuid() != 0:
             raise EmulatorError("the emulator must run as root (it mounts FUSE / creates CUSE devices)")
-        _cleanup(self.path, None, None)  # a stale mount or socket from a killed run on a fixed path
         try:
             self._start_thread() if self.in_process else self._start_subprocess()
         except BaseException:
