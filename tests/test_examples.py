@@ -177,17 +177,21 @@ def test_passes(liveupdate_emulator, liveupdate_device):
 '''
 
 
-def test_plugin_failure_report_shows_trace(tmp_path: Path, transport_name: str) -> None:
-    """A session that loads only our plugin (-p, as the entry point would): fixtures, marker, report."""
+def test_plugin_session_and_failure_report(tmp_path: Path, transport_name: str) -> None:
+    """A session that loads only our plugin (-p, as the entry point would): fixtures, marker, the failure
+    report, and the complete example of docs/api.md (so the README's example keeps working)."""
     (tmp_path / "test_user.py").write_text(textwrap.dedent(FAILING_TEST))
+    m = re.search(r"```python\n(# test_live_update.py.*?)```", (REPO / "docs/api.md").read_text(), re.S)
+    assert m, "docs/api.md has the complete example"
+    (tmp_path / "test_live_update.py").write_text(m.group(1))
     before = _emulator_mounts()
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "CUSEDEV_TEST_TRANSPORT": transport_name,
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "cusedev.pytest_plugin", "-p", "no:cacheprovider",
-                        "-q", "test_user.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=TIMEOUT)
+                        "-q", "test_user.py", "test_live_update.py"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "1 failed, 1 passed" in p.stdout
+    assert "1 failed, 4 passed" in p.stdout
     report = p.stdout.split("cusedev trace", 1)
     assert len(report) == 2, p.stdout
     assert "ioctl(" in report[1] and "LIVEUPDATE_IOCTL_SET_EVENT" in report[1]
