@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from cusedev.paths import control_socket, escape
+
 REPO = Path(__file__).resolve().parent.parent
 # The VM run is software-emulated (TCG) and may share 2 CPUs with other VMs: Python
 # start-up alone can take tens of seconds there.
@@ -33,13 +35,9 @@ READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "180" if _IN_
 EXIT_TIMEOUT = 180.0 if _IN_VM else 30.0
 
 
-def _escape(path: str) -> str:
-    return path.strip("/").replace("_", "__").replace("/", "_") or "_"
-
-
 def mounts_mentioning(*paths: str) -> list[str]:
     """Lines of /proc/mounts whose mount point is one of ``paths`` (or below /run/cusedev/<them>)."""
-    wanted = set(paths) | {f"/run/cusedev/{_escape(p)}/{sub}" for p in paths for sub in ("mnt", "sys")}
+    wanted = set(paths) | {f"/run/cusedev/{escape(os.path.abspath(p))}/{sub}" for p in paths for sub in ("mnt", "sys")}
     out = []
     with open("/proc/mounts") as f:
         for line in f:
@@ -51,7 +49,7 @@ def mounts_mentioning(*paths: str) -> list[str]:
 
 def force_cleanup(path: str) -> None:
     """Lazy-unmount anything a crashed server left at ``path`` and its private mount; drop its dirs."""
-    private = f"/run/cusedev/{_escape(path)}"
+    private = f"/run/cusedev/{escape(os.path.abspath(path))}"
     for mp in (path, f"{private}/mnt", f"{private}/sys"):
         for _ in range(4):  # stacked mounts from repeated failures
             if subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL).returncode != 0:
@@ -61,6 +59,10 @@ def force_cleanup(path: str) -> None:
             os.rmdir(d)
         except OSError:
             pass
+    try:
+        os.unlink(control_socket(path))
+    except OSError:
+        pass
 
 
 class ServerProc:
