@@ -70,8 +70,9 @@ class EmulatorError(RuntimeError):
 
 
 def _default_timeout() -> float:
-    # a software-emulated VM needs many seconds just to start Python
-    return float(os.environ.get("CUSEDEV_READY_TIMEOUT", "120"))
+    # a software-emulated VM needs many seconds just to start Python; only a failure waits this long
+    env = os.environ.get("CUSEDEV_READY_TIMEOUT") or os.environ.get("CUSEDEV_TEST_READY_TIMEOUT")
+    return float(env or 180)
 
 
 def available_transport() -> tuple[str | None, str]:
