@@ -110,6 +110,12 @@ class ControlServer:
         if self.gid:
             os.chown(self.path, 0, self.gid)
             os.chmod(self.path, 0o660)
+            # the group must be able to reach the socket: let everyone traverse (not list) the run
+            # dir; what lies inside it (private mounts) stays 0700
+            run_dir = os.path.dirname(self.path)
+            mode = os.stat(run_dir).st_mode & 0o7777
+            if mode & 0o111 != 0o111:
+                os.chmod(run_dir, mode | 0o111)
         s.listen(16)
         self.sock = s
         self.loop.add_reader(s.fileno(), self._accept)
