@@ -21,6 +21,7 @@ report gets a "cusedev trace" section with the tail of the emulator's trace
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -46,6 +47,7 @@ def _requested_transport() -> str:
     return os.environ.get("CUSEDEV_TEST_TRANSPORT", "auto").strip().lower() or "auto"
 
 
+@functools.cache  # once per session: probing CUSE may run modprobe
 def _skip_reason(transport: str) -> str | None:
     """Why this host cannot run an emulator for ``transport``, or None."""
     if os.geteuid() != 0:
