@@ -55,7 +55,6 @@ KERNEL_MINOR_VERSION = uapi.FUSE_KERNEL_MINOR_VERSION
 # Kernel-reserved "no reply" opcodes.
 _NO_REPLY_OPS = frozenset({uapi.FUSE_FORGET, uapi.FUSE_BATCH_FORGET, uapi.FUSE_INTERRUPT})
 
-_ENOSYS = OSError(errno.ENOSYS, "Function not implemented")
 _INTERRUPT = uapi.FUSE_INTERRUPT
 _U64 = struct.Struct("=Q")
 _SIGKILL_BIT = 1 << (9 - 1)
@@ -223,9 +222,13 @@ class Session:
                 continue
             req = Request(unique, opcode, nodeid, uid, gid, pid)
             meth = table.get(opcode)
+            if meth is None:
+                # reply directly: re-raising one shared exception object would chain a new
+                # traceback onto it every time (a leak of ~1 KiB per unimplemented request)
+                if opcode not in _NO_REPLY_OPS:
+                    self.reply_error(unique, errno.ENOSYS)
+                continue
             try:
-                if meth is None:
-                    raise _ENOSYS
                 res = meth(req, mv[_IN_HDR_SIZE:n])
             except OSError as e:
                 if opcode not in _NO_REPLY_OPS:
