@@ -16,7 +16,6 @@ import signal
 import stat
 import struct
 import sys
-import time
 from pathlib import Path
 
 import _server
@@ -286,24 +285,6 @@ def test_kernel_drops_connection(tmp_path: Path, transport_name: str) -> None:
             Path(f"/sys/class/cuse/cusedev-{esc}/abort").write_text("1")
         assert srv.wait() == 0, srv.stderr()
         assert mounts_mentioning(path) == [] and not os.path.lexists(path)
-
-
-def test_round_trip_latency(served_device: ServerProc) -> None:
-    """Not a benchmark, a guard: the hot path must stay well under a millisecond on the host."""
-    fd = os.open(served_device.device, os.O_RDWR)
-    buf = bytearray(struct.pack("II", 8, 0))
-    try:
-        times = []
-        for _ in range(300):
-            t = time.perf_counter()
-            fcntl.ioctl(fd, GET_STATE, buf, True)
-            times.append(time.perf_counter() - t)
-    finally:
-        os.close(fd)
-    times.sort()
-    # The VM is TCG-emulated and shared (a 3-round retry ioctl measured ~20 ms there): only catch hangs.
-    limit = 0.1 if os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse") == "cuse" else 0.0005
-    assert times[len(times) // 2] < limit, times[len(times) // 2]
 
 
 def test_server_in_process(public_dir: Path, transport_name: str) -> None:
