@@ -23,3 +23,17 @@ def runtime_dir(device_path: str, run_dir: str = RUN_DIR) -> str:
 def control_socket(device_path: str, run_dir: str = RUN_DIR) -> str:
     """The control socket of the emulator serving ``device_path``."""
     return os.path.join(run_dir, escape(os.path.abspath(device_path)) + ".control")
+
+
+def make_private_dir(device_path: str, run_dir: str = RUN_DIR) -> str:
+    """Create (or fix up) ``runtime_dir(device_path)``, mode 0711 like its parent.
+
+    Traversable but not listable: the sysfs tree below it must be readable by
+    everyone, as /sys is, while the device's own mount stays guarded by the
+    node's mode (the FUSE mount uses default_permissions).
+    """
+    path = runtime_dir(device_path, run_dir)
+    for d in (run_dir, path):
+        os.makedirs(d, mode=0o711, exist_ok=True)
+        os.chmod(d, 0o711)
+    return path

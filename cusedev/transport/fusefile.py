@@ -34,7 +34,7 @@ import stat
 import time
 from typing import Any
 
-from .. import sysmount, uapi
+from .. import paths, sysmount, uapi
 from ..device import DeviceHandler
 from ..wire import Request, Session
 from . import TransportError
@@ -52,7 +52,6 @@ DIRENT = uapi.codec("struct fuse_dirent")
 ROOT_ID = uapi.FUSE_ROOT_ID
 DEVICE_ID = 2
 DEVICE_NAME = "device"
-RUN_DIR = "/run/cusedev"
 FSTYPE = "fuse.cusedev"
 # Attributes only change through our own SETATTR replies, so let the kernel cache them.
 _TTL = 86400
@@ -157,23 +156,18 @@ class FuseFileOps(DeviceOps):
         return bytes(uapi.codec("struct fuse_statfs_out").size)
 
 
-def _escape(path: str) -> str:
-    """A directory name for ``path`` (unique per absolute path, readable)."""
-    return path.strip("/").replace("_", "__").replace("/", "_") or "_"
-
-
 class FuseFileTransport:
     """Serve ``handler`` as a FUSE regular file bind-mounted at ``device_path``."""
 
     name = "fuse"
 
     def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
-                 gid: int = 0, run_dir: str = RUN_DIR):
+                 gid: int = 0, run_dir: str = paths.RUN_DIR):
         self.device_path = os.path.abspath(device_path)
         self.handler = handler
         self.node = Node(mode, uid, gid)
         self.ops = FuseFileOps(handler, self.node)
-        self.private_dir = os.path.join(run_dir, _escape(self.device_path))
+        self.private_dir = paths.runtime_dir(self.device_path, run_dir)
         self.mnt = os.path.join(self.private_dir, "mnt")
         self.fd = -1
         self.session: Session | None = None
@@ -228,9 +222,8 @@ class FuseFileTransport:
         self._clear_stale(self.mnt)
         if sysmount.is_mountpoint(self.mnt):
             raise TransportError(f"{self.device_path}: already served (mount at {self.mnt})")
-        os.makedirs(os.path.dirname(self.private_dir), mode=0o700, exist_ok=True)
-        for d in (self.private_dir, self.mnt):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+        paths.make_private_dir(self.device_path, os.path.dirname(self.private_dir))
+        os.makedirs(self.mnt, mode=0o700, exist_ok=True)
         # Ours by name even if a crashed run left them: remove them on stop.
         self._made_dirs = [self.private_dir, self.mnt]
 
