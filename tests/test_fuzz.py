@@ -29,7 +29,7 @@ import struct
 import time
 from pathlib import Path
 
-from _hostile import IN_VM, alive, assert_clean_log, fd_count, knob, libc, open_retry, rss_kb, status
+from _hostile import IN_VM, alive, assert_clean_log, fd_count, knob, open_retry, rss_kb, status
 from _server import ServerProc, public_dir  # noqa: F401  (fixture)
 
 from cusedev import control
@@ -47,10 +47,14 @@ OPS = {0: (16, 16, None, 0), 1: (16, 16, None, 0), 2: (16, 16, 4, 4), 3: (8, 8, 
 OTHER_TYPES = (0xB9, 0xBB, 0x3A, 0xAB, 0xFF, 0x42, 0xCA)
 TOKENS = (0, 1, 2, 3, 7, 1 << 63, (1 << 64) - 1)
 
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_ioctl = libc.ioctl
+# a private CDLL: argtypes set here must not change _hostile's shared libc functions
+_own = ctypes.CDLL(None, use_errno=True)
+_mmap = _own.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_munmap = _own.munmap
+_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_ioctl = _own.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 MAP_FIXED = 0x10
 
@@ -235,15 +239,15 @@ class Arena:
         self.hole = self.rw + self.SPAN
 
     def _map(self, prot: int) -> int:
-        base = libc.mmap(None, self.SPAN + PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        got = libc.mmap(base, self.SPAN, prot, mmap.MAP_SHARED | MAP_FIXED, self.fd, 0)
+        base = _mmap(None, self.SPAN + PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        got = _mmap(base, self.SPAN, prot, mmap.MAP_SHARED | MAP_FIXED, self.fd, 0)
         assert got == base
-        libc.munmap(base + self.SPAN, PAGE)
+        _munmap(base + self.SPAN, PAGE)
         return base
 
     def close(self) -> None:
-        libc.munmap(self.rw, self.SPAN)
-        libc.munmap(self.ro, self.SPAN)
+        _munmap(self.rw, self.SPAN)
+        _munmap(self.ro, self.SPAN)
         os.close(self.fd)
 
 
