@@ -16,6 +16,9 @@ Every enum member and every ``#define`` of the cdefs becomes a module-level
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,9 +77,48 @@ def read_cdef(name: str) -> str:
     return _cdefs_dir().joinpath(name).read_text(encoding="utf-8")
 
 
-ffi = cffi.FFI()
-for _name in CDEF_FILES:
-    ffi.cdef(read_cdef(_name))
+def _parse() -> Any:
+    """cffi's parse of the cdefs, through a generated out-of-line module when one is cached.
+
+    pycparser is by far the slowest part of starting any cusedev process (about
+    15x the rest of this module; seconds under the CI VM's emulated CPU), so the
+    first import writes cffi's own serialisation of the parse
+    (``set_source(name, None)``: out-of-line ABI mode, no compiler) next to the
+    bytecode, keyed by a hash of the cdefs text and the cffi version; later
+    imports load that.  Where nothing is writable, every import parses.
+    """
+    text = "".join(read_cdef(n) for n in CDEF_FILES)
+    key = hashlib.sha256((cffi.__version__ + "\0" + text).encode()).hexdigest()[:16]
+    name = f"_cusedev_ffi_{key}"
+    cache = Path(__file__).resolve().parent / "__pycache__"
+    path = cache / f"{name}.py"
+    if path.is_file():
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is not None and spec.loader is not None:
+            mod = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(mod)
+                return mod.ffi
+            except Exception:  # a torn or foreign file: parse instead
+                pass
+    parsed = cffi.FFI()
+    parsed.cdef(text)
+    try:
+        builder = cffi.FFI()
+        builder.cdef(text)
+        builder.set_source(name, None)
+        cache.mkdir(exist_ok=True)
+        tmp = cache / f".{name}.{os.getpid()}.tmp"
+        builder.emit_python_code(str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return parsed
+
+
+ffi = _parse()
+# a freshly parsed FFI raises CDefError for an unknown type name, the out-of-line one ffi.error
+_LOOKUP_ERRORS: tuple[type[Exception], ...] = (cffi.CDefError, *((ffi.error,) if hasattr(ffi, "error") else ()))
 
 # ABI-mode library object: only used to enumerate the integer constants (enum
 # members and "#define NAME literal") that cffi parsed; no symbol is looked up.
@@ -208,7 +250,7 @@ def _ctype(name: str) -> Any:
     """Resolve ``fuse_in_header`` as well as ``struct fuse_in_header``."""
     try:
         return ffi.typeof(name)
-    except cffi.CDefError:
+    except _LOOKUP_ERRORS:
         return ffi.typeof("struct " + name)
 
 
