@@ -179,10 +179,10 @@ def test_passes(liveupdate_emulator, liveupdate_device):
 
 def test_plugin_session_and_failure_report(tmp_path: Path, transport_name: str) -> None:
     """A session that loads only our plugin (-p, as the entry point would): fixtures, marker, the failure
-    report, and the complete example of docs/api.md (so the README's example keeps working)."""
+    report, and the complete example in README.md (so it keeps working)."""
     (tmp_path / "test_user.py").write_text(textwrap.dedent(FAILING_TEST))
-    m = re.search(r"```python\n(# test_live_update.py.*?)```", (REPO / "docs/api.md").read_text(), re.S)
-    assert m, "docs/api.md has the complete example"
+    m = re.search(r"```python\n(# test_live_update.py.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert m, "README.md has the complete example"
     (tmp_path / "test_live_update.py").write_text(m.group(1))
     before = _emulator_mounts()
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "CUSEDEV_TEST_TRANSPORT": transport_name,
