@@ -194,11 +194,7 @@ class LiveUpdateCore:
         done: list[PreservedFile] = []
         try:
             self.fault("prepare")
-            for pf in self.outgoing.values():
-                if pf.state == State.NORMAL:
-                    pf.ops.prepare()
-                    pf.state = State.PREPARED
-                    done.append(pf)
+            self._advance(State.NORMAL, "prepare", State.PREPARED, done)
         except OSError:
             self._cancel_files(done)
             raise
@@ -206,6 +202,14 @@ class LiveUpdateCore:
         if self.kho_finalized:
             raise fail(errno.EEXIST)  # kernel quirk: the state stays PREPARED
         self.kho_finalized = True
+
+    def _advance(self, old: State, action: str, new: State, done: list[PreservedFile]) -> None:
+        """Run ``action`` on every outgoing file in ``old``; each that succeeds is ``new`` and in ``done``."""
+        for pf in self.outgoing.values():
+            if pf.state == old:
+                getattr(pf.ops, action)()
+                pf.state = new
+                done.append(pf)
 
     def _cancel_files(self, files: Iterable[PreservedFile]) -> None:
         for pf in files:
@@ -253,14 +257,9 @@ class LiveUpdateCore:
         if self.state != State.PREPARED:
             self._boot(carry=[], live=False)
             return False
-        frozen: list[PreservedFile] = []
         try:
             self.fault("kexec")
-            for pf in self.outgoing.values():
-                if pf.state == State.PREPARED:
-                    pf.ops.freeze()
-                    pf.state = State.FROZEN
-                    frozen.append(pf)
+            self._advance(State.PREPARED, "freeze", State.FROZEN, [])
         except OSError:
             self._cancel_files(self.outgoing.values())
             self.kho_finalized = False

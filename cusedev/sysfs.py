@@ -44,13 +44,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import sysmount, uapi
-from .wire import Operations, Request, Session
+from .wire import Operations, Request, Session, apply_setattr
 
 log = logging.getLogger(__name__)
 
 ENTRY_OUT = uapi.codec("struct fuse_entry_out")
 ATTR_OUT = uapi.codec("struct fuse_attr_out")
-SETATTR_IN = uapi.codec("struct fuse_setattr_in")
+
 OPEN_IN = uapi.codec("struct fuse_open_in")
 OPEN_OUT = uapi.codec("struct fuse_open_out")
 READ_IN = uapi.codec("struct fuse_read_in")
@@ -286,20 +286,7 @@ class SysfsOps(Operations):
         The kernel has already checked ownership / CAP_FOWNER (default_permissions).
         """
         n = self._node(req.nodeid)
-        f = SETATTR_IN.decode(body)
-        valid = f["valid"]
-        now = int(time.time())
-        if valid & uapi.FATTR_MODE:
-            n.mode = stat.S_IFMT(n.mode) | (f["mode"] & 0o7777)
-        if valid & uapi.FATTR_UID:
-            n.uid = f["uid"]
-        if valid & uapi.FATTR_GID:
-            n.gid = f["gid"]
-        if valid & uapi.FATTR_ATIME:
-            n.atime = now if valid & uapi.FATTR_ATIME_NOW else f["atime"]
-        if valid & uapi.FATTR_MTIME:
-            n.mtime = now if valid & uapi.FATTR_MTIME_NOW else f["mtime"]
-        n.ctime = now
+        apply_setattr(n, body)
         return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(n))
 
     def statfs(self, req: Request, body: memoryview) -> Any:

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,32 @@ OPCODE_METHODS: dict[int, str] = {
     for value, name in uapi.ffi.typeof("enum fuse_opcode").elements.items()
     if "RESERVED" not in name
 }
+
+
+SETATTR_IN = uapi.codec("struct fuse_setattr_in")
+
+
+def apply_setattr(node: Any, body: memoryview) -> dict[str, Any]:
+    """Apply a FUSE_SETATTR's mode/owner/times to ``node`` (attributes mode, uid, gid, atime,
+    mtime, ctime); returns the decoded request so the caller can refuse what it must (size).
+
+    The kernel has already checked ownership (default_permissions); the file type bits stay.
+    """
+    f = SETATTR_IN.decode(body)
+    valid = f["valid"]
+    now = int(time.time())
+    if valid & uapi.FATTR_MODE:
+        node.mode = (node.mode & ~0o7777) | (f["mode"] & 0o7777)
+    if valid & uapi.FATTR_UID:
+        node.uid = f["uid"]
+    if valid & uapi.FATTR_GID:
+        node.gid = f["gid"]
+    if valid & uapi.FATTR_ATIME:
+        node.atime = now if valid & uapi.FATTR_ATIME_NOW else f["atime"]
+    if valid & uapi.FATTR_MTIME:
+        node.mtime = now if valid & uapi.FATTR_MTIME_NOW else f["mtime"]
+    node.ctime = now
+    return f
 
 
 class Request:
@@ -199,9 +226,11 @@ class Session:
         iov = self._iov
         mv = self._mv
         table = self._table
+        readv = os.readv
+        writev = os.writev
         while True:
             try:
-                n = os.readv(fd, iov)
+                n = readv(fd, iov)
             except BlockingIOError:
                 return
             except InterruptedError:
@@ -238,6 +267,12 @@ class Session:
                 log.exception("%s: opcode %d failed", self.name, opcode)
                 if opcode not in _NO_REPLY_OPS:
                     self.reply_error(unique, errno.EIO)
+                continue
+            if type(res) is bytes:  # the common reply, written inline (one writev, no extra calls)
+                try:
+                    writev(fd, [_pack_out(_OUT_HDR_SIZE + len(res), 0, unique), res])
+                except OSError as e:
+                    self._write_failed(e)
                 continue
             if res is NO_REPLY:
                 continue
@@ -308,7 +343,10 @@ class Session:
         try:
             os.writev(self.fd, bufs)
         except OSError as e:
-            # ENOENT: the caller was interrupted/died and the request is gone.
-            # ENODEV: connection aborted; the reader will see it too.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.warning("%s: reply write failed: %s", self.name, e)
+            self._write_failed(e)
+
+    def _write_failed(self, e: OSError) -> None:
+        # ENOENT: the caller was interrupted/died and the request is gone.
+        # ENODEV: connection aborted; the reader will see it too.
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            log.warning("%s: reply write failed: %s", self.name, e)

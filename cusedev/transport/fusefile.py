@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import paths, sysmount, uapi
 from ..device import DeviceHandler
-from ..wire import Request, Session
+from ..wire import SETATTR_IN, Request, Session, apply_setattr
 from . import TransportError
 from .devops import DeviceOps
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_OUT = uapi.codec("struct fuse_entry_out")
 ATTR_OUT = uapi.codec("struct fuse_attr_out")
-SETATTR_IN = uapi.codec("struct fuse_setattr_in")
+
 READ_IN = uapi.codec("struct fuse_read_in")
 OPEN_OUT = uapi.codec("struct fuse_open_out")
 DIRENT = uapi.codec("struct fuse_dirent")
@@ -110,23 +110,9 @@ class FuseFileOps(DeviceOps):
     def setattr(self, req: Request, body: memoryview) -> Any:
         if req.nodeid != DEVICE_ID:
             raise OSError(errno.EPERM, "read-only root")
-        f = SETATTR_IN.decode(body)
-        valid = f["valid"]
-        if valid & uapi.FATTR_SIZE:
+        if SETATTR_IN.decode(body)["valid"] & uapi.FATTR_SIZE:
             raise OSError(errno.EINVAL, "cannot truncate a device")
-        n = self.node
-        now = int(time.time())
-        if valid & uapi.FATTR_MODE:
-            n.mode = f["mode"] & 0o7777
-        if valid & uapi.FATTR_UID:
-            n.uid = f["uid"]
-        if valid & uapi.FATTR_GID:
-            n.gid = f["gid"]
-        if valid & uapi.FATTR_ATIME:
-            n.atime = now if valid & uapi.FATTR_ATIME_NOW else f["atime"]
-        if valid & uapi.FATTR_MTIME:
-            n.mtime = now if valid & uapi.FATTR_MTIME_NOW else f["mtime"]
-        n.ctime = now
+        apply_setattr(self.node, body)
         return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(DEVICE_ID))
 
     def opendir(self, req: Request, body: memoryview) -> Any:
