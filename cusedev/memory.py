@@ -48,14 +48,22 @@ _plocal = ctypes.byref(_local)
 _premote = ctypes.byref(_remote)
 _scratch = ctypes.create_string_buffer(0)
 _scratch_addr = 0
+_scratch_len = 0
 
 
 def _scratch_for(length: int) -> int:
-    global _scratch, _scratch_addr
-    if length > len(_scratch):
+    """Grow the scratch buffer to ``length``; the local iovec always spans all of it.
+
+    Only the remote iovec's length bounds a transfer (the kernel moves the
+    smaller total), so a call sets just the remote side.
+    """
+    global _scratch, _scratch_addr, _scratch_len
+    if length > _scratch_len:
         _scratch = ctypes.create_string_buffer(max(length, 64 * 1024))
         _scratch_addr = ctypes.addressof(_scratch)
+        _scratch_len = len(_scratch)
         _local.iov_base = _scratch_addr
+        _local.iov_len = _scratch_len
     return _scratch_addr
 
 
@@ -79,8 +87,8 @@ class ProcessVmMemory:
 
     def _readv(self, addr: int, length: int) -> int:
         """Read into the scratch buffer; bytes read (-1 on failure)."""
-        _scratch_for(length)
-        _local.iov_len = length
+        if length > _scratch_len:
+            _scratch_for(length)
         _remote.iov_base = addr
         _remote.iov_len = length
         return _readv(self.tid, _plocal, 1, _premote, 1, 0)
@@ -98,7 +106,12 @@ class ProcessVmMemory:
             want = need
         if want <= 0:
             return b""
-        n = self._readv(addr, want)
+        # _readv inlined: this runs once per ioctl
+        if want > _scratch_len:
+            _scratch_for(want)
+        _remote.iov_base = addr
+        _remote.iov_len = want
+        n = _readv(self.tid, _plocal, 1, _premote, 1, 0)
         if n >= need and n > 0:
             return _string_at(_scratch_addr, n)
         # A read that *starts* on an unmapped page fails outright even if ``need``
@@ -114,8 +127,9 @@ class ProcessVmMemory:
         length = len(data)
         if length == 0:
             return
-        _memmove(_scratch_for(length), bytes(data) if type(data) is not bytes else data, length)
-        _local.iov_len = length
+        if length > _scratch_len:
+            _scratch_for(length)
+        _memmove(_scratch_addr, data if type(data) is bytes else bytes(data), length)
         _remote.iov_base = addr
         _remote.iov_len = length
         if _writev(self.tid, _plocal, 1, _premote, 1, 0) != length:

@@ -16,6 +16,7 @@ other component with ``server.add_cleanup(async_fn)``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -246,6 +247,10 @@ async def serve(device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
     try:
         await server.start()
         await server.start_runtime()
+        # Start-up objects (cffi types, codecs, tables) live as long as the process: move them out
+        # of the collector's view so a collection triggered on the request path stays short.
+        gc.collect()
+        gc.freeze()
         if on_ready is not None:
             on_ready(server)
         notified = sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={ready_line(server)}")

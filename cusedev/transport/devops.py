@@ -28,6 +28,8 @@ IOCTL_OUT = uapi.codec("struct fuse_ioctl_out")
 _unpack_ioctl_in = IOCTL_IN.struct.unpack_from
 _pack_ioctl_out = IOCTL_OUT.struct.pack
 _IOCTL_IN_SIZE = IOCTL_IN.size
+_IOCTL_COMPAT = uapi.FUSE_IOCTL_COMPAT
+_MAX_CALLERS = 256
 
 
 def _enotty() -> OSError:
@@ -42,6 +44,9 @@ class DeviceOps(Operations):
 
     def __init__(self, handler: DeviceHandler):
         self.handler = handler
+        # Callers are immutable and a client issues many ioctls from few threads: reuse them
+        # (building a frozen dataclass is the costliest Python step of a GET_STATE).
+        self._callers: dict[tuple[int, int, int], Caller] = {}
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
@@ -84,11 +89,17 @@ class DeviceOps(Operations):
 
     def ioctl(self, req: Request, body: memoryview) -> Any:
         fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
-        if flags & uapi.FUSE_IOCTL_COMPAT:
+        if flags & _IOCTL_COMPAT:
             raise _enotty()  # no compat_ioctl on the real device
         mem = self.memory_for(req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size],
                               in_size, out_size, fh)
-        res = self.handler.ioctl(fh, Caller(req.pid, req.uid, req.gid), cmd, arg, mem)
+        key = (req.pid, req.uid, req.gid)
+        caller = self._callers.get(key)
+        if caller is None:
+            if len(self._callers) >= _MAX_CALLERS:
+                self._callers.clear()
+            caller = self._callers[key] = Caller(*key)
+        res = self.handler.ioctl(fh, caller, cmd, arg, mem)
         if type(res) is int:
             return self.ioctl_reply(res, mem)
         if inspect.isawaitable(res):
