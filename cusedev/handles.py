@@ -185,7 +185,11 @@ class LiveUpdateDevice:
                 caller, mem = p.caller, p.memory
         if self.interceptor is not None:
             return self.interceptor(self, fh, caller, cmd, arg, mem)
-        return self.run_ioctl(fh, caller, cmd, arg, mem)
+        # run_ioctl, inlined: this is every plain ioctl's path
+        s = self.sessions.get(fh)
+        if s is None or s.revoked:
+            raise fail(errno.ENODEV)
+        return dispatch(self.ops, s, caller, cmd, arg, mem)
 
     def run_ioctl(
         self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory, rec: dict | None = None

@@ -49,6 +49,10 @@ _premote = ctypes.byref(_remote)
 _scratch = ctypes.create_string_buffer(0)
 _scratch_addr = 0
 _scratch_len = 0
+# What the remote iovec holds now: a client looping on one struct asks for the same range
+# every time, and a ctypes field store costs more than comparing two ints.
+_remote_addr = -1
+_remote_len = -1
 
 
 def _scratch_for(length: int) -> int:
@@ -87,10 +91,13 @@ class ProcessVmMemory:
 
     def _readv(self, addr: int, length: int) -> int:
         """Read into the scratch buffer; bytes read (-1 on failure)."""
+        global _remote_addr, _remote_len
         if length > _scratch_len:
             _scratch_for(length)
-        _remote.iov_base = addr
-        _remote.iov_len = length
+        if addr != _remote_addr:
+            _remote.iov_base = _remote_addr = addr
+        if length != _remote_len:
+            _remote.iov_len = _remote_len = length
         return _readv(self.tid, _plocal, 1, _premote, 1, 0)
 
     def read(self, addr: int, length: int) -> bytes:
@@ -107,10 +114,13 @@ class ProcessVmMemory:
         if want <= 0:
             return b""
         # _readv inlined: this runs once per ioctl
+        global _remote_addr, _remote_len
         if want > _scratch_len:
             _scratch_for(want)
-        _remote.iov_base = addr
-        _remote.iov_len = want
+        if addr != _remote_addr:
+            _remote.iov_base = _remote_addr = addr
+        if want != _remote_len:
+            _remote.iov_len = _remote_len = want
         n = _readv(self.tid, _plocal, 1, _premote, 1, 0)
         if n >= need and n > 0:
             return _string_at(_scratch_addr, n)
@@ -124,14 +134,17 @@ class ProcessVmMemory:
         return None
 
     def write(self, addr: int, data: bytes) -> None:
+        global _remote_addr, _remote_len
         length = len(data)
         if length == 0:
             return
         if length > _scratch_len:
             _scratch_for(length)
         _memmove(_scratch_addr, data if type(data) is bytes else bytes(data), length)
-        _remote.iov_base = addr
-        _remote.iov_len = length
+        if addr != _remote_addr:
+            _remote.iov_base = _remote_addr = addr
+        if length != _remote_len:
+            _remote.iov_len = _remote_len = length
         if _writev(self.tid, _plocal, 1, _premote, 1, 0) != length:
             raise _efault()
 

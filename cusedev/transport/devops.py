@@ -29,6 +29,7 @@ _unpack_ioctl_in = IOCTL_IN.struct.unpack_from
 _pack_ioctl_out = IOCTL_OUT.struct.pack
 _IOCTL_IN_SIZE = IOCTL_IN.size
 _IOCTL_COMPAT = uapi.FUSE_IOCTL_COMPAT
+_IOCTL_OK = _pack_ioctl_out(0, 0, 0, 0)
 _MAX_CALLERS = 256
 
 
@@ -44,9 +45,12 @@ class DeviceOps(Operations):
 
     def __init__(self, handler: DeviceHandler):
         self.handler = handler
-        # Callers are immutable and a client issues many ioctls from few threads: reuse them
-        # (building a frozen dataclass is the costliest Python step of a GET_STATE).
-        self._callers: dict[tuple[int, int, int], Caller] = {}
+        # Callers are immutable and a client issues many ioctls from few threads: reuse them, and
+        # their direct memory (building a frozen dataclass was the costliest Python step of a GET_STATE).
+        self._callers: dict[tuple[int, int, int], tuple[Caller, ProcessVmMemory]] = {}
+        # Neither hook overridden (the FUSE file): ``ioctl`` builds the memory and the reply itself.
+        cls = type(self)
+        self._direct = cls.memory_for is DeviceOps.memory_for and cls.ioctl_reply is DeviceOps.ioctl_reply
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
@@ -91,16 +95,20 @@ class DeviceOps(Operations):
         fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
         if flags & _IOCTL_COMPAT:
             raise _enotty()  # no compat_ioctl on the real device
-        mem = self.memory_for(req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size],
-                              in_size, out_size, fh)
         key = (req.pid, req.uid, req.gid)
-        caller = self._callers.get(key)
-        if caller is None:
+        known = self._callers.get(key)
+        if known is None:
             if len(self._callers) >= _MAX_CALLERS:
                 self._callers.clear()
-            caller = self._callers[key] = Caller(*key)
+            known = self._callers[key] = (Caller(*key), ProcessVmMemory(req.pid))  # both stateless
+        caller, pvm = known
+        direct = self._direct
+        mem: CallerMemory = pvm if direct else self.memory_for(
+            req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size], in_size, out_size, fh)
         res = self.handler.ioctl(fh, caller, cmd, arg, mem)
         if type(res) is int:
+            if direct:
+                return _IOCTL_OK if res == 0 else _pack_ioctl_out(res, 0, 0, 0)
             return self.ioctl_reply(res, mem)
         if inspect.isawaitable(res):
             return self._ioctl_later(res, mem)
