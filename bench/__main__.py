@@ -1,0 +1,421 @@
+"""cusedev benchmarks: the emulator next to a minimal C server on the same transport, same placement, same run.
+
+Run as root from the repository: ``bench/run [--quick] [--runs N] [--vm]``
+(see docs/benchmarks.md).  Not part of the test suite: nothing here asserts
+a speed; it prints a table and writes ``bench/results/<date>-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cusedev import control  # noqa: E402
+
+OPS = ("get_state", "preserve", "event")
+OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "event": "SET_EVENT PREPARE+CANCEL"}
+VM_CACHE = Path(os.environ.get("CUSEDEV_VM_CACHE", "/var/lib/cusedev-vm"))
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def build(out: Path) -> tuple[Path, Path]:
+    """gcc the C client and baseline server into ``out``."""
+    client, baseline = out / "client", out / "baseline_server"
+    subprocess.run(["gcc", "-O2", "-Wall", "-I", str(REPO / "cdefs"), "-o", str(client),
+                    str(REPO / "bench/client.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(baseline), str(REPO / "bench/baseline_server.c")], check=True)
+    return client, baseline
+
+
+def set_affinity(pid: int, cpus: list[int]) -> None:
+    """All threads of ``pid`` (sched_setaffinity on a pid only moves its main thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    import select
+
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if r:
+            line = proc.stdout.readline().decode()
+            if line:
+                return line.strip()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{what} did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+
+
+class Emulator:
+    """``cusedev serve`` in a subprocess (no sysfs: only the device path is measured)."""
+
+    def __init__(self, device: str, transport: str, repo: Path = REPO):
+        self.device = device
+        self.repo = repo  # another checkout (--compare) to measure an older request path side by side
+        self.argv = [sys.executable, "-m", "cusedev.cli", "serve", "--device", device, "--transport", transport,
+                     "--no-sysfs"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Emulator:
+        env = {**os.environ, "PYTHONPATH": str(self.repo)}
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     cwd=str(self.repo), preexec_fn=_raise_nofile)
+        _wait_ready(self.proc, "emulator", 180)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Baseline:
+    """bench/baseline_server.c on a FUSE mount (host) or as a CUSE device (VM).
+
+    ``mode`` "fuse-pvm" adds the caller-memory syscalls the FUSE-file path needs
+    (process_vm_readv of the struct, process_vm_writev for GET_STATE): the floor
+    for any server of this ABI on that transport.
+    """
+
+    def __init__(self, exe: Path, mode: str, work: Path):
+        self.exe, self.mode = exe, mode
+        if mode == "cuse":
+            self.arg = "cusedev-bench-baseline"
+            self.device = f"/dev/{self.arg}"
+        else:
+            self.mnt = work / f"{mode}-mnt"
+            self.mnt.mkdir(exist_ok=True)
+            self.arg = str(self.mnt)
+            self.device = str(self.mnt / "dev")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Baseline:
+        self.proc = subprocess.Popen([str(self.exe), self.mode, self.arg], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        _wait_ready(self.proc, "baseline server", 30)
+        for _ in range(100):
+            if os.path.exists(self.device):
+                break
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mode != "cuse":
+            subprocess.run(["umount", "-l", str(self.mnt)], stderr=subprocess.DEVNULL)
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+def run_client(client: Path, *args: Any, cpus: list[int] | None = None, timeout: float = 600,
+               wrap: list[str] | None = None) -> dict[str, Any]:
+    pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    argv = [*(wrap or []), str(client), *map(str, args)]
+    out = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=pre)
+    if out.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)}: exit {out.returncode}: {out.stderr.decode().strip()}")
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+# -- the measurements --------------------------------------------------------------------------
+def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dict[str, int]) -> dict[str, Any]:
+    """Every op on every server (name -> (pid, device)), both placements, interleaved; medians of runs."""
+    raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for r in range(runs):
+        for placement in ("free", "pinned"):
+            cpus = [ALL_CPUS[0]] if placement == "pinned" else ALL_CPUS
+            for name, (pid, dev) in servers.items():
+                set_affinity(pid, cpus)
+                for op in OPS:
+                    res = run_client(client, "lat", dev, op, n[op], cpus=cpus if placement == "pinned" else None)
+                    raw.setdefault(placement, {}).setdefault(name, {}).setdefault(op, []).append(res)
+            log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
+                f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))
+    for pid, _dev in servers.values():
+        set_affinity(pid, ALL_CPUS)
+    out: dict[str, Any] = {}
+    for placement, by_server in raw.items():
+        for name, by_op in by_server.items():
+            for op, results in by_op.items():
+                out.setdefault(placement, {}).setdefault(op, {})[name] = {
+                    k: statistics.median(x[k] for x in results) for k in ("median_us", "p99_us", "ioctls_per_s")
+                } | {"runs": results}
+        for op in OPS:
+            row = out[placement][op]
+            row["ratio_median"] = round(row["emulator"]["median_us"] / row["baseline"]["median_us"], 2)
+            if "baseline_pvm" in row:
+                row["ratio_median_vs_pvm"] = round(row["emulator"]["median_us"] / row["baseline_pvm"]["median_us"], 2)
+    return out
+
+
+def kexec_restore(client: Path, transport: str, device: str, count: int, kib: int) -> dict[str, Any]:
+    """Preserve ``count`` memfds of ``kib`` KiB, PREPARE, kexec (control socket), restore all under `cusedev run`."""
+    with Emulator(device, transport) as emu:
+        rss0 = rss_kib(emu.pid)
+        hold = subprocess.Popen([str(client), "hold", device, str(count), str(kib)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_raise_nofile)
+        assert hold.stdout is not None and hold.stdin is not None
+        line = hold.stdout.readline()
+        if not line:
+            hold.wait()
+            raise RuntimeError(f"hold: {hold.stderr.read().decode() if hold.stderr else ''}")
+        held = json.loads(line)
+        rss_prepared = rss_kib(emu.pid)
+        t0 = time.perf_counter()
+        reply = control.request(device, "kexec")
+        kexec_s = time.perf_counter() - t0
+        if not reply.get("ok"):
+            raise RuntimeError(f"kexec failed: {reply}")
+        hold.stdin.close()
+        hold.wait()
+        t0 = time.perf_counter()
+        res = run_client(client, "restore", device, count,
+                         wrap=[sys.executable, "-m", "cusedev.cli", "run", "--device", device, "--"])
+        run_s = time.perf_counter() - t0
+        if res["size"] != kib * 1024:
+            raise RuntimeError(f"restored size {res['size']} != {kib * 1024}")
+        return {"count": count, "bytes_each": kib * 1024, "preserve_s": held["preserve_s"],
+                "prepare_s": held["prepare_s"], "kexec_s": kexec_s, "restore_s": res["restore_s"],
+                "finish_s": res["finish_s"], "cusedev_run_total_s": run_s, "rss_kib_start": rss0,
+                "rss_kib_prepared": rss_prepared, "rss_kib_after": rss_kib(emu.pid)}
+
+
+def memory_growth(client: Path, transport: str, device: str, big: int) -> dict[str, Any]:
+    with Emulator(device, transport) as emu:
+        run_client(client, "loop", device, 1000)
+        after_1k = rss_kib(emu.pid)
+        res = run_client(client, "loop", device, big - 1000, timeout=3600)
+        after_big = rss_kib(emu.pid)
+    return {"ioctls": big, "rss_kib_after_1000": after_1k, "rss_kib_after_all": after_big,
+            "rss_growth_kib": after_big - after_1k, "loop_ioctls_per_s": res["ioctls_per_s"]}
+
+
+# -- report ------------------------------------------------------------------------------------
+def table(res: dict[str, Any]) -> str:
+    lines = []
+    lat = res["latency"]
+    pvm = "baseline_pvm" in lat["free"]["get_state"]
+    ref = "emulator_ref" in lat["free"]["get_state"]
+    lines.append(f"{'placement':<8} {'ioctl':<26} {'emulator med/p99 µs':>20} {'C baseline med/p99':>19} "
+                 f"{'ratio':>6}" + (f" {'C+pvm med':>9} {'ratio':>6}" if pvm else "")
+                 + f" {'emu ioctl/s':>11} {'base ioctl/s':>12}" + (f" {'ref med µs':>10}" if ref else ""))
+    for placement in ("free", "pinned"):
+        for op in OPS:
+            row = lat[placement][op]
+            e, b = row["emulator"], row["baseline"]
+            extra = (f" {row['baseline_pvm']['median_us']:>9.1f} {row['ratio_median_vs_pvm']:>5.2f}x" if pvm else "")
+            lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>9.1f} / {e['p99_us']:>8.1f} "
+                         f"{b['median_us']:>8.1f} / {b['p99_us']:>8.1f} {row['ratio_median']:>5.2f}x{extra} "
+                         f"{e['ioctls_per_s']:>11.0f} {b['ioctls_per_s']:>12.0f}"
+                         + (f" {row['emulator_ref']['median_us']:>10.1f}" if ref else ""))
+    if res.get("kexec"):
+        lines.append("")
+        lines.append(f"{'preserved':<18} {'preserve ms':>11} {'prepare ms':>10} {'kexec ms':>9} {'restore ms':>10} "
+                     f"{'RSS prepared MiB':>16}")
+        for k in res["kexec"]:
+            size = k["bytes_each"]
+            label = f"{k['count']} x " + (f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB")
+            lines.append(f"{label:<18} {k['preserve_s'] * 1e3:>11.1f} {k['prepare_s'] * 1e3:>10.1f} "
+                         f"{k['kexec_s'] * 1e3:>9.1f} {k['restore_s'] * 1e3:>10.1f} "
+                         f"{k['rss_kib_prepared'] / 1024:>16.1f}")
+    if res.get("memory"):
+        m = res["memory"]
+        lines.append("")
+        lines.append(f"RSS after 1,000 ioctls: {m['rss_kib_after_1000']} KiB; after {m['ioctls']:,}: "
+                     f"{m['rss_kib_after_all']} KiB (growth {m['rss_growth_kib']} KiB)")
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, Any]:
+    client, baseline_exe = (work / "client", work / "baseline_server")
+    if not client.exists():
+        client, baseline_exe = build(work)
+    in_vm = transport == "cuse"
+    device = "/dev/liveupdate-bench" if in_vm else str(work / "liveupdate")
+    scale = 0.1 if args.quick or in_vm else 1.0
+    n = {"get_state": int(20000 * scale), "preserve": int(4000 * scale), "event": int(8000 * scale)}
+    res: dict[str, Any] = {
+        "host": socket.gethostname(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "transport": transport, "kernel": platform.release(), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "git": _git_rev(), "runs": args.runs,
+        "iterations": n,
+    }
+    with contextlib.ExitStack() as stack:
+        emu = stack.enter_context(Emulator(device, transport))
+        servers = {"emulator": (emu.pid, emu.device)}
+        if args.compare:
+            ref = stack.enter_context(Emulator(str(work / "liveupdate-ref"), transport, Path(args.compare)))
+            servers["emulator_ref"] = (ref.pid, ref.device)
+            res["compare"] = {"repo": args.compare, "git": _git_rev(Path(args.compare))}
+        for name, mode in (("baseline", transport), ("baseline_pvm", "fuse-pvm")):
+            if mode == "fuse-pvm" and in_vm:
+                continue
+            b = stack.enter_context(Baseline(baseline_exe, mode, work))
+            servers[name] = (b.pid, b.device)
+        log(f"latency: {args.runs} run(s), {transport} transport")
+        res["latency"] = latency(client, servers, args.runs, n)
+    if args.latency_only:
+        return res
+    sizes = [1 << 10, 256 << 10] if in_vm else [1 << 10, 256 << 10, 2048 << 10]
+    res["kexec"] = []
+    for kib in sizes:
+        log(f"kexec/restore: 1 memfd of {kib >> 10} MiB")
+        res["kexec"].append(kexec_restore(client, transport, device, 1, kib))
+    many = 1000 if (args.quick or in_vm) else 10000
+    log(f"kexec/restore: {many} memfds of 4 KiB")
+    res["kexec"].append(kexec_restore(client, transport, device, many, 4))
+    if not in_vm:
+        big = 100_000 if args.quick else 1_000_000
+        log(f"memory: RSS after 1,000 and {big:,} GET_STATE")
+        res["memory"] = memory_growth(client, transport, device, big)
+    return res
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_rev(repo: Path = REPO) -> str:
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+# -- VM ------------------------------------------------------------------------------------------
+def run_vm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Boot the cached test VM (scripts/test-all's assets and vng pattern) and run the CUSE benchmark inside."""
+    kver_file = VM_CACHE / "kernel/.ready"
+    if not kver_file.exists() or not (VM_CACHE / "venv/bin/vng").exists():
+        raise SystemExit(f"no VM assets in {VM_CACHE}: run `scripts/test-all --vm-only` once to set them up")
+    if subprocess.run(["pgrep", "qemu-system"], capture_output=True).returncode == 0:
+        raise SystemExit("another qemu is running: not booting a VM now (measurements would be meaningless)")
+    build(work)
+    kver = kver_file.read_text().strip()
+    guest = (f"cd {shlex.quote(str(REPO))} && export HOME=/tmp PYTHONDONTWRITEBYTECODE=1 && "
+             f"timeout 60 modprobe cuse && timeout {args.vm_timeout} {shlex.quote(sys.executable)} -m bench "
+             f"--guest {shlex.quote(str(work))} --runs {args.vm_runs}{' --latency-only' if args.latency_only else ''}"
+             f"; sync")
+    env = {**os.environ, "PATH": f"{VM_CACHE}/venv/bin:{os.environ['PATH']}"}
+    log(f"VM: booting {kver} (TCG)")
+    subprocess.run(["vng", "--disable-kvm", "--memory", os.environ.get("CUSEDEV_VM_MEMORY", "2G"),
+                    "-r", str(VM_CACHE / f"kernel/root/boot/vmlinuz-{kver}"), "--rwdir", str(work),
+                    "--exec", guest], stdin=subprocess.DEVNULL, env=env, timeout=args.vm_timeout + 300)
+    out = work / "guest.json"
+    if not out.exists():
+        raise SystemExit("the VM produced no results (see the console output above)")
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    p.add_argument("--runs", type=int, default=3, help="latency repeats; medians of runs are reported (3)")
+    p.add_argument("--quick", action="store_true", help="10%% of the iterations, 1,000 memfds, 100k-ioctl RSS run")
+    p.add_argument("--latency-only", action="store_true", help="only the latency/throughput table")
+    p.add_argument("--vm", action="store_true", help="also run on CUSE inside the test VM (TCG, slow)")
+    p.add_argument("--vm-runs", type=int, default=1, help="latency repeats inside the VM (1: TCG is slow)")
+    p.add_argument("--vm-timeout", type=int, default=900, help="seconds for the guest's benchmark (900)")
+    p.add_argument("--compare", metavar="CHECKOUT",
+                   help="also measure the emulator of another checkout (e.g. a git worktree of an older commit)")
+    p.add_argument("--out", help="JSON results file (default bench/results/<date>-<host>.json)")
+    p.add_argument("--guest", metavar="DIR", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/run must run as root (FUSE mounts)")
+    if args.guest:
+        res = measure(args, "cuse", Path(args.guest))
+        (Path(args.guest) / "guest.json").write_text(json.dumps(res, indent=1))
+        print(table(res), flush=True)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="cusedev-bench-"))
+    work.chmod(0o755)
+    try:
+        result: dict[str, Any] = {"host": measure(args, "fuse", work)}
+        print(f"\nFUSE-file transport, {result['host']['host']} ({result['host']['cpu_model']}, "
+              f"{result['host']['cpus']} CPUs, kernel {result['host']['kernel']}):")
+        print(table(result["host"]), flush=True)
+        if args.vm:
+            vmwork = Path(tempfile.mkdtemp(prefix="cusedev-bench-vm-"))
+            vmwork.chmod(0o755)
+            try:
+                result["vm"] = run_vm(args, vmwork)
+            finally:
+                shutil.rmtree(vmwork, ignore_errors=True)
+            print(f"\nCUSE in the VM (TCG, kernel {result['vm']['kernel']}):")
+            print(table(result["vm"]), flush=True)
+    finally:
+        for mode in ("fuse", "fuse-pvm"):
+            subprocess.run(["umount", "-l", str(work / f"{mode}-mnt")], stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out) if args.out else (
+        REPO / "bench/results" / f"{datetime.date.today().isoformat()}-{socket.gethostname()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
