@@ -385,6 +385,10 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("bench/run must run as root (FUSE mounts)")
     if args.guest:
+        for _ in range(50):  # devtmpfs creates the node when cuse registers its misc device
+            if os.path.exists("/dev/cuse"):
+                break
+            time.sleep(0.1)
         res = measure(args, "cuse", Path(args.guest))
         (Path(args.guest) / "guest.json").write_text(json.dumps(res, indent=1))
         print(table(res), flush=True)
