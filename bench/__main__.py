@@ -1,7 +1,7 @@
 """cusedev benchmarks: the emulator next to a minimal C server on the same transport, same placement, same run.
 
 Run as root from the repository: ``bench/run [--quick] [--runs N] [--vm]``
-(see docs/benchmarks.md).  Not part of the test suite: nothing here asserts
+(see "Benchmarks" in README.md).  Not part of the test suite: nothing here asserts
 a speed; it prints a table and writes ``bench/results/<date>-<host>.json``.
 """
 

@@ -422,7 +422,7 @@ class Emulator:
 
     # -- trace -----------------------------------------------------------------------------------
     def trace_records(self) -> list[dict[str, Any]]:
-        """Every record of the trace so far (JSON objects; see docs/trace.md for the schema).
+        """Every record of the trace so far (JSON objects; see "ioctl traces" in README.md for the schema).
 
         A status round trip first: the emulator writes records after the
         replies, and its control loop answers only after those writes.
