@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import sysmount, uapi
-from .wire import Operations, Request, Session, apply_setattr
+from .wire import Operations, Request, Session, apply_setattr, pack_dirents
 
 log = logging.getLogger(__name__)
 
@@ -362,16 +362,7 @@ class SysfsOps(Operations):
         d = self._node(req.nodeid)
         entries = [(d.ino, b".", d.mode), (d.parent, b"..", stat.S_IFDIR)]
         entries += [(ino, name, self.nodes[ino].mode) for name, ino in d.children.items()]
-        out = bytearray()
-        for i, (ino, name, mode) in enumerate(entries, 1):
-            if i <= offset:
-                continue
-            rec = DIRENT.pack(ino, i, len(name), stat.S_IFMT(mode) >> 12) + name
-            rec += b"\0" * (-len(rec) % 8)
-            if len(out) + len(rec) > size:
-                break
-            out += rec
-        return bytes(out)
+        return pack_dirents(entries, offset, size)
 
     def releasedir(self, req: Request, body: memoryview) -> Any:
         return None

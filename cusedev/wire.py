@@ -112,6 +112,23 @@ def apply_setattr(node: Any, body: memoryview) -> dict[str, Any]:
     return f
 
 
+_DIRENT = uapi.codec("struct fuse_dirent")
+
+
+def pack_dirents(entries: Any, offset: int, size: int) -> bytes:
+    """A FUSE_READDIR reply: ``(ino, name, mode)`` entries from ``offset`` on, at most ``size`` bytes."""
+    out = bytearray()
+    for i, (ino, name, mode) in enumerate(entries, 1):
+        if i <= offset:
+            continue
+        rec = _DIRENT.struct.pack(ino, i, len(name), (mode & 0o170000) >> 12) + name
+        rec += b"\0" * (-len(rec) % 8)
+        if len(out) + len(rec) > size:
+            break
+        out += rec
+    return bytes(out)
+
+
 class Request:
     """The parts of ``fuse_in_header`` an operation needs."""
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import paths, sysmount, uapi
 from ..device import DeviceHandler
-from ..wire import SETATTR_IN, Request, Session, apply_setattr
+from ..wire import SETATTR_IN, Request, Session, apply_setattr, pack_dirents
 from . import TransportError
 from .devops import DeviceOps
 
@@ -124,16 +124,7 @@ class FuseFileOps(DeviceOps):
         _fh, offset, size = READ_IN.struct.unpack_from(body, 0)[:3]
         entries = ((ROOT_ID, b".", stat.S_IFDIR), (ROOT_ID, b"..", stat.S_IFDIR),
                    (DEVICE_ID, DEVICE_NAME.encode(), stat.S_IFREG))
-        out = bytearray()
-        for i, (ino, name, fmt) in enumerate(entries, 1):
-            if i <= offset:
-                continue
-            rec = DIRENT.struct.pack(ino, i, len(name), fmt >> 12) + name
-            rec += b"\0" * (-len(rec) % 8)
-            if len(out) + len(rec) > size:
-                break
-            out += rec
-        return bytes(out)
+        return pack_dirents(entries, offset, size)
 
     def releasedir(self, req: Request, body: memoryview) -> Any:
         return None
