@@ -33,6 +33,10 @@ OPS = ("get_state", "preserve", "event")
 OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "event": "SET_EVENT PREPARE+CANCEL"}
 VM_CACHE = Path(os.environ.get("CUSEDEV_VM_CACHE", "/var/lib/cusedev-vm"))
 ALL_CPUS = sorted(os.sched_getaffinity(0))
+# free: the scheduler decides (on 2 vCPUs it either keeps both on one CPU or splits them, run by
+# run); pinned: both on one CPU; split: server and client on different CPUs.  The last two are
+# the two regimes "free" drifts between, measured deterministically.
+PLACEMENTS = ("free", "pinned", "split") if len(ALL_CPUS) > 1 else ("free", "pinned")
 
 
 def log(msg: str) -> None:
@@ -92,11 +96,11 @@ def _wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float) -> str
 class Emulator:
     """``cusedev serve`` in a subprocess (no sysfs: only the device path is measured)."""
 
-    def __init__(self, device: str, transport: str, repo: Path = REPO):
+    def __init__(self, device: str, transport: str, repo: Path = REPO, extra: tuple[str, ...] = ()):
         self.device = device
         self.repo = repo  # another checkout (--compare) to measure an older request path side by side
         self.argv = [sys.executable, "-m", "cusedev.cli", "serve", "--device", device, "--transport", transport,
-                     "--no-sysfs"]
+                     "--no-sysfs", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Emulator:
@@ -126,7 +130,8 @@ class Baseline:
 
     ``mode`` "fuse-pvm" adds the caller-memory syscalls the FUSE-file path needs
     (process_vm_readv of the struct, process_vm_writev for GET_STATE): the floor
-    for any server of this ABI on that transport.
+    for any server of this ABI on that transport.  "python-pvm" is the same server
+    in CPython (bench/python_floor.py): the floor for a Python one.
     """
 
     def __init__(self, exe: Path, mode: str, work: Path):
@@ -142,8 +147,9 @@ class Baseline:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Baseline:
-        self.proc = subprocess.Popen([str(self.exe), self.mode, self.arg], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+        argv = ([sys.executable, str(REPO / "bench/python_floor.py"), self.arg] if self.mode == "python-pvm"
+                else [str(self.exe), self.mode, self.arg])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_ready(self.proc, "baseline server", 30)
         for _ in range(100):
             if os.path.exists(self.device):
@@ -164,6 +170,15 @@ class Baseline:
         self.proc.wait()
 
 
+def _placement(placement: str) -> tuple[list[int], list[int] | None]:
+    """(server CPUs, client CPUs or None for unpinned) of a placement."""
+    if placement == "pinned":
+        return [ALL_CPUS[0]], [ALL_CPUS[0]]
+    if placement == "split":
+        return [ALL_CPUS[-1]], [ALL_CPUS[0]]
+    return ALL_CPUS, None
+
+
 def run_client(client: Path, *args: Any, cpus: list[int] | None = None, timeout: float = 600,
                wrap: list[str] | None = None) -> dict[str, Any]:
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -179,12 +194,12 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
     """Every op on every server (name -> (pid, device)), both placements, interleaved; medians of runs."""
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for r in range(runs):
-        for placement in ("free", "pinned"):
-            cpus = [ALL_CPUS[0]] if placement == "pinned" else ALL_CPUS
+        for placement in PLACEMENTS:
+            server_cpus, client_cpus = _placement(placement)
             for name, (pid, dev) in servers.items():
-                set_affinity(pid, cpus)
+                set_affinity(pid, server_cpus)
                 for op in OPS:
-                    res = run_client(client, "lat", dev, op, n[op], cpus=cpus if placement == "pinned" else None)
+                    res = run_client(client, "lat", dev, op, n[op], cpus=client_cpus)
                     raw.setdefault(placement, {}).setdefault(name, {}).setdefault(op, []).append(res)
             log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
                 f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))
@@ -202,6 +217,12 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             row["ratio_median"] = round(row["emulator"]["median_us"] / row["baseline"]["median_us"], 2)
             if "baseline_pvm" in row:
                 row["ratio_median_vs_pvm"] = round(row["emulator"]["median_us"] / row["baseline_pvm"]["median_us"], 2)
+            if "python_pvm" in row:
+                row["ratio_median_vs_python"] = round(
+                    row["emulator"]["median_us"] / row["python_pvm"]["median_us"], 2)
+            if "emulator_traced" in row:
+                row["trace_growth_pct"] = round(
+                    100 * (row["emulator_traced"]["median_us"] / row["emulator"]["median_us"] - 1), 1)
     return out
 
 
@@ -252,19 +273,35 @@ def table(res: dict[str, Any]) -> str:
     lines = []
     lat = res["latency"]
     pvm = "baseline_pvm" in lat["free"]["get_state"]
+    py = "python_pvm" in lat["free"]["get_state"]
     ref = "emulator_ref" in lat["free"]["get_state"]
     lines.append(f"{'placement':<8} {'ioctl':<26} {'emulator med/p99 µs':>20} {'C baseline med/p99':>19} "
                  f"{'ratio':>6}" + (f" {'C+pvm med':>9} {'ratio':>6}" if pvm else "")
+                 + (f" {'Py+pvm med':>10} {'ratio':>6}" if py else "")
                  + f" {'emu ioctl/s':>11} {'base ioctl/s':>12}" + (f" {'ref med µs':>10}" if ref else ""))
-    for placement in ("free", "pinned"):
+    for placement in PLACEMENTS:
+        if placement not in lat:
+            continue
         for op in OPS:
             row = lat[placement][op]
             e, b = row["emulator"], row["baseline"]
             extra = (f" {row['baseline_pvm']['median_us']:>9.1f} {row['ratio_median_vs_pvm']:>5.2f}x" if pvm else "")
+            extra += (f" {row['python_pvm']['median_us']:>10.1f} {row['ratio_median_vs_python']:>5.2f}x"
+                      if py else "")
             lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>9.1f} / {e['p99_us']:>8.1f} "
                          f"{b['median_us']:>8.1f} / {b['p99_us']:>8.1f} {row['ratio_median']:>5.2f}x{extra} "
                          f"{e['ioctls_per_s']:>11.0f} {b['ioctls_per_s']:>12.0f}"
                          + (f" {row['emulator_ref']['median_us']:>10.1f}" if ref else ""))
+    if "emulator_traced" in lat["free"]["get_state"]:
+        lines.append("")
+        lines.append(f"{'placement':<8} {'ioctl':<26} {'untraced med µs':>15} {'traced med µs':>13} {'growth':>7}")
+        for placement in PLACEMENTS:
+            if placement not in lat:
+                continue
+            for op in OPS:
+                row = lat[placement][op]
+                lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {row['emulator']['median_us']:>15.1f} "
+                             f"{row['emulator_traced']['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}%")
     if res.get("kexec"):
         lines.append("")
         lines.append(f"{'preserved':<18} {'preserve ms':>11} {'prepare ms':>10} {'kexec ms':>9} {'restore ms':>10} "
@@ -300,12 +337,16 @@ def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, A
     with contextlib.ExitStack() as stack:
         emu = stack.enter_context(Emulator(device, transport))
         servers = {"emulator": (emu.pid, emu.device)}
+        # the same emulator recording every call (--trace): what tracing costs a round trip
+        traced = stack.enter_context(Emulator(device + "-traced", transport,
+                                              extra=("--trace", str(work / "bench-trace.jsonl"))))
+        servers["emulator_traced"] = (traced.pid, traced.device)
         if args.compare:
             ref = stack.enter_context(Emulator(str(work / "liveupdate-ref"), transport, Path(args.compare)))
             servers["emulator_ref"] = (ref.pid, ref.device)
             res["compare"] = {"repo": args.compare, "git": _git_rev(Path(args.compare))}
-        for name, mode in (("baseline", transport), ("baseline_pvm", "fuse-pvm")):
-            if mode == "fuse-pvm" and in_vm:
+        for name, mode in (("baseline", transport), ("baseline_pvm", "fuse-pvm"), ("python_pvm", "python-pvm")):
+            if mode != transport and in_vm:
                 continue
             b = stack.enter_context(Baseline(baseline_exe, mode, work))
             servers[name] = (b.pid, b.device)
@@ -410,7 +451,7 @@ def main() -> int:
             print(f"\nCUSE in the VM (TCG, kernel {result['vm']['kernel']}):")
             print(table(result["vm"]), flush=True)
     finally:
-        for mode in ("fuse", "fuse-pvm"):
+        for mode in ("fuse", "fuse-pvm", "python-pvm"):
             subprocess.run(["umount", "-l", str(work / f"{mode}-mnt")], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out) if args.out else (

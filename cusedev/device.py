@@ -41,6 +41,9 @@ class NeedRetry(Exception):
 class CallerMemory(Protocol):
     """The calling process's memory for one ioctl (umockdev's ``resolve``)."""
 
+    #: every access reaches the caller at once, so ``declare`` has nothing to do (dispatch skips it)
+    direct: bool
+
     def read(self, addr: int, length: int) -> bytes:
         """Bytes at ``addr``; ``OSError(EFAULT)`` when unreadable."""
 
@@ -58,7 +61,7 @@ class CallerMemory(Protocol):
         the kernel has delivered ``in_range`` and accepted ``out_range``.
         """
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | bytearray) -> None:
         """Store ``data`` at ``addr`` (within the declared out range); EFAULT when unwritable."""
 
 

@@ -191,14 +191,12 @@ class LiveUpdateDevice:
             raise fail(errno.ENODEV)
         return dispatch(self.ops, s, caller, cmd, arg, mem)
 
-    def run_ioctl(
-        self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory, rec: dict | None = None
-    ) -> int:
-        """The ioctl itself; an interceptor (tracing, fault injection) calls this with a ``rec``."""
+    def run_ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
+        """The ioctl itself, for an interceptor (tracing, fault injection)."""
         s = self.sessions.get(fh)
         if s is None or s.revoked:
             raise fail(errno.ENODEV)
-        return dispatch(self.ops, s, caller, cmd, arg, mem, rec)
+        return dispatch(self.ops, s, caller, cmd, arg, mem)
 
     def read(self, fh: int, caller: Caller, size: int) -> bytes:
         if self.tracer is not None:

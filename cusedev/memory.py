@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Any
 
 from .device import NeedRetry
 
@@ -36,8 +37,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _readv = _libc.process_vm_readv
 _writev = _libc.process_vm_writev
 _readv.restype = _writev.restype = ctypes.c_ssize_t
-_string_at = ctypes.string_at
-_memmove = ctypes.memmove
 
 # One scratch buffer and one pair of iovecs shared by every call: the event
 # loop is single-threaded and a call never yields, so sharing them saves the
@@ -46,7 +45,8 @@ _local = _IOVec()
 _remote = _IOVec()
 _plocal = ctypes.byref(_local)
 _premote = ctypes.byref(_remote)
-_scratch = ctypes.create_string_buffer(0)
+_scratch: Any = ctypes.create_string_buffer(0)  # Any: slicing a c_char array gives bytes
+_scratch_mv = memoryview(b"")  # bytes in by slice assignment, out by slicing ``_scratch``: no ctypes calls
 _scratch_addr = 0
 _scratch_len = 0
 # What the remote iovec holds now: a client looping on one struct asks for the same range
@@ -61,9 +61,10 @@ def _scratch_for(length: int) -> int:
     Only the remote iovec's length bounds a transfer (the kernel moves the
     smaller total), so a call sets just the remote side.
     """
-    global _scratch, _scratch_addr, _scratch_len
+    global _scratch, _scratch_mv, _scratch_addr, _scratch_len
     if length > _scratch_len:
         _scratch = ctypes.create_string_buffer(max(length, 64 * 1024))
+        _scratch_mv = memoryview(_scratch).cast("B")
         _scratch_addr = ctypes.addressof(_scratch)
         _scratch_len = len(_scratch)
         _local.iov_base = _scratch_addr
@@ -85,6 +86,7 @@ class ProcessVmMemory:
     """
 
     __slots__ = ("tid",)
+    direct = True
 
     def __init__(self, tid: int):
         self.tid = tid
@@ -105,7 +107,7 @@ class ProcessVmMemory:
             return b""
         if self._readv(addr, length) != length:
             raise _efault()
-        return _string_at(_scratch_addr, length)
+        return _scratch[:length]
 
     def peek(self, addr: int, want: int, need: int) -> bytes:
         """Up to ``want`` bytes in one syscall; EFAULT only if fewer than ``need`` are readable."""
@@ -123,7 +125,7 @@ class ProcessVmMemory:
             _remote.iov_len = _remote_len = want
         n = _readv(self.tid, _plocal, 1, _premote, 1, 0)
         if n >= need and n > 0:
-            return _string_at(_scratch_addr, n)
+            return _scratch[:n]
         # A read that *starts* on an unmapped page fails outright even if ``need``
         # alone would fit a shorter mapping: retry small before calling it EFAULT.
         if n <= 0 and need < want:
@@ -133,14 +135,14 @@ class ProcessVmMemory:
     def declare(self, in_range: tuple[int, int], out_range: tuple[int, int] | None) -> None:
         return None
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | bytearray) -> None:
         global _remote_addr, _remote_len
         length = len(data)
         if length == 0:
             return
         if length > _scratch_len:
             _scratch_for(length)
-        _memmove(_scratch_addr, data if type(data) is bytes else bytes(data), length)
+        _scratch_mv[:length] = data
         if addr != _remote_addr:
             _remote.iov_base = _remote_addr = addr
         if length != _remote_len:
@@ -178,6 +180,7 @@ class RetryMemory:
 
     __slots__ = ("tid", "in_ranges", "in_data", "out_ranges", "max_bytes", "_out", "_direct",
                  "_direct_ranges", "_in_offsets")
+    direct = False
 
     def __init__(self, tid: int, in_ranges: list[tuple[int, int]] | None = None, in_data: bytes = b"",
                  out_ranges: list[tuple[int, int]] | None = None, max_bytes: int = CUSE_MAX_IOCTL_BYTES):
@@ -273,7 +276,7 @@ class RetryMemory:
             new_out = [out_range] if out_range and 0 < out_range[1] <= self.max_bytes else []
         raise NeedRetry(new_in, new_out)
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | bytearray) -> None:
         length = len(data)
         if length == 0:
             return

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import stat
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,12 +46,14 @@ CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the
 DIGEST_LIMIT = 256 << 20  # bytes hashed at most (the loop must not stall on a guest's RAM)
 TAIL_LIMIT = 1 << 20
 
-_perf = time.perf_counter_ns
+_mono = time.monotonic_ns
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
 _wall = time.time
 _get_loop = asyncio._get_running_loop
 
 _ENUMS = {"event": uapi.EVENT_NAMES, "state": uapi.STATE_CNAMES}
 _FD_PRESERVE = uapi.LIVEUPDATE_IOCTL_FD_PRESERVE
+_U64 = struct.Struct("=Q")
 
 
 def errname(code: int) -> str:
@@ -72,7 +75,7 @@ def fields_of(op: Op) -> list[tuple[str, int, Any, bool]]:
     return f
 
 
-def decode(op: Op, data: bytes, outputs: bool) -> dict[str, Any]:
+def decode(op: Op, data: bytes | bytearray, outputs: bool) -> dict[str, Any]:
     """The fields of ``data`` (as far as it goes): inputs, or only the outputs; enums as names."""
     out: dict[str, Any] = {}
     for name, off, codec, is_out in fields_of(op):
@@ -94,12 +97,18 @@ def _proc_ids(tid: int) -> tuple[int, str]:
     return pid, comm
 
 
-def file_info(tid: int, fd: int) -> dict[str, Any]:
-    """What FD_PRESERVE's fd was in the caller: kind, size, digest (and small contents) for replay."""
+def grab_file(tid: int, fd: int) -> int | dict[str, Any]:
+    """Our duplicate of the caller's fd ``fd`` (described later by ``describe_file``), or why there is none."""
     try:
-        ours = pidfd.getfd(tid, fd)
+        return pidfd.getfd(tid, fd)
     except OSError:
         return {"kind": "none"}
+
+
+def describe_file(ours: int | dict[str, Any]) -> dict[str, Any]:
+    """What FD_PRESERVE's fd was: kind, size, digest (and small contents) for replay; closes ``ours``."""
+    if isinstance(ours, dict):
+        return ours
     try:
         if fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
             return {"kind": "opath"}
@@ -135,6 +144,51 @@ def file_info(tid: int, fd: int) -> dict[str, Any]:
         os.close(ours)
 
 
+class Seen:
+    """The ``CallerMemory`` a traced call runs on: passes every access through and keeps
+    what the call saw of its struct at ``arg`` (the longest read, the bytes written back)."""
+
+    __slots__ = ("mem", "arg", "data", "out", "direct")
+
+    def __init__(self, mem: CallerMemory, arg: int, direct: bool = False):
+        self.mem = mem
+        self.direct = direct
+        self.arg = arg
+        self.data: bytes | None = None
+        self.out: bytes | bytearray | None = None
+
+    def read(self, addr: int, length: int) -> bytes:
+        data = self.mem.read(addr, length)
+        if addr == self.arg and (self.data is None or len(data) > len(self.data)):
+            self.data = data
+        return data
+
+    def peek(self, addr: int, want: int, need: int) -> bytes:
+        data = self.mem.peek(addr, want, need)
+        if addr == self.arg and (self.data is None or len(data) > len(self.data)):
+            self.data = data
+        return data
+
+    def declare(self, in_range: tuple[int, int], out_range: tuple[int, int] | None) -> None:
+        self.mem.declare(in_range, out_range)
+
+    def write(self, addr: int, data: bytes | bytearray) -> None:
+        if addr == self.arg:
+            self.out = data  # even if the write fails: replay then knows the struct was read-only
+        self.mem.write(addr, data)
+
+    def seen(self, ops: Any, cmd: int) -> tuple[Op | None, int | None, bytes | None]:
+        """(op row, struct size field, struct as copied in) as far as the call got."""
+        nr = cmd & 0xFF
+        op = ops[nr] if nr < len(ops) else None
+        if op is None or self.data is None or len(self.data) < 4:
+            return op, None, None
+        size = _U32.unpack_from(self.data)[0]
+        return op, size, self.data[:min(size, op.size)]
+
+
+_NOTHING_SEEN = Seen(None, -1)  # type: ignore[arg-type]  # an injected failure: the call never reached the caller's memory
+
 # -- the recorder --------------------------------------------------------------------------------------
 class Tracer:
     """Writes one device's events to ``path`` (created 0600: traces hold file contents)."""
@@ -165,26 +219,34 @@ class Tracer:
 
     # -- output ----------------------------------------------------------------------------------
     def _write(self, recs: Iterable[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs).encode()
+        data = "".join(_encode(r) + "\n" for r in recs).encode()
         if self.fd >= 0 and data:
             os.write(self.fd, data)
 
     def _push(self, fmt: Callable[..., dict[str, Any]], *args: Any) -> None:
-        self.seq += 1
-        self._queue.append((fmt, (self.seq, *args)))
+        self._queue.append((fmt, args))
         if not self._scheduled:
-            loop = _get_loop()
-            if loop is None:
-                self.flush()
-                return
-            self._scheduled = True
-            loop.call_soon(self.flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = _get_loop()
+        if loop is None:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
         q, self._queue = self._queue, []
         if q:
-            self._write(fmt(*args) for fmt, args in q)
+            self._write(self._numbered(q))
+
+    def _numbered(self, q: list[tuple[Callable[..., dict[str, Any]], tuple]]) -> Iterator[dict[str, Any]]:
+        """Records in queue order, which is event order: sequence numbers are given here, not per call."""
+        for fmt, args in q:
+            self.seq += 1
+            yield fmt(self.seq, *args)
 
     def close(self) -> None:
         atexit.unregister(self.close)
@@ -251,8 +313,7 @@ class Tracer:
             if self._in_ioctl:  # after the ioctl's own record, which it belongs to
                 self._states.append((old, new))
                 return
-            self._push(self._fmt_simple, "state", _wall(), time.monotonic_ns(), 0,
-                       {"from": old.label, "to": new.label})
+            self._push(self._fmt_state, _wall(), _mono(), old, new)
 
     def fault(self, point: str, rule: Any) -> None:
         """A core fault point fired (prepare/kexec): marks the running ioctl or kexec, and gets its own record."""
@@ -264,14 +325,15 @@ class Tracer:
         """An ioctl failed by a rule before its handler ran."""
         self._seen(caller.tid)
         st = self.device.core.state
-        self._push(self._fmt_ioctl, _wall(), time.monotonic_ns(), caller.tid, fh, cmd, arg, {}, rule.error,
-                   st, st, 0, None, {"rule": rule.text, "errno": rule.error, "delay": rule.delay})
+        self._push(self._fmt_ioctl, _wall(), time.monotonic_ns(), caller.tid, fh, cmd, arg, self.device.ops,
+                   _NOTHING_SEEN, rule.error, st, st, 0, None,
+                   {"rule": rule.text, "errno": rule.error, "delay": rule.delay})
 
     def ioctl(self, dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory,
               rule: Any = None) -> int:
         """Run and record one ioctl (``rule``: the delay-only rule that held it, if any)."""
         tid = caller.tid
-        t0 = _perf()
+        t0 = _mono()
         wall = _wall()
         if self.pending:
             p = self.pending.pop(tid, None)
@@ -281,41 +343,57 @@ class Tracer:
                 else:
                     self._finish_pending(p)
         before = dev.core.state
-        rec: dict[str, Any] = {}
+        seen = Seen(mem, arg, mem.direct)
         self._fault = None
         self._in_ioctl = True
         try:
-            ret = dev.run_ioctl(fh, caller, cmd, arg, mem, rec)
+            ret = dev.run_ioctl(fh, caller, cmd, arg, seen)
             err = 0
             exc = None
         except NeedRetry:
-            self.pending[tid] = (tid, fh, cmd, arg, t0, wall, rec, before)
+            self.pending[tid] = (tid, fh, cmd, arg, t0, wall, seen, before)
             raise
         except OSError as e:
             ret, err, exc = -1, e.errno or errno.EIO, e
         finally:
             self._in_ioctl = False
-        dur = _perf() - t0
+        t1 = _mono()
         extra: dict[str, Any] | None = None
-        op = rec.get("op")
-        if op is not None:
-            if cmd == _FD_PRESERVE and op.cmd == cmd and len(rec.get("in", b"")) >= 8:
-                extra = {"file": file_info(tid, int.from_bytes(rec["in"][4:8], sys.byteorder, signed=True))}
-            size = rec.get("size", 0)
-            if err == errno.E2BIG and size > op.size:
-                extra = {**(extra or {}), "tail": self._tail(mem, arg + op.size, size - op.size)}
+        if cmd == _FD_PRESERVE or err == errno.E2BIG:
+            extra = self._extra(dev, tid, cmd, arg, seen, err, mem)
         inj = self._fault
         if rule is not None:
             inj = {"rule": rule.text, "delay": rule.delay, "errno": 0}
-        self._push(self._fmt_ioctl, wall, time.monotonic_ns(), tid, fh, cmd, arg, rec, err, before,
-                   dev.core.state, dur, extra, inj)
-        if self._states:
+        q = self._queue
+        q.append((self._fmt_ioctl, (wall, t1, tid, fh, cmd, arg, dev.ops, seen, err, before, dev.core.state,
+                                    t1 - t0, extra, inj)))
+        if self._states:  # the state changes it made, each its own record, stamped like the call
             for old, new in self._states:
-                self.on_state(old, new)
+                q.append((self._fmt_state, (wall, t1, old, new)))
             self._states.clear()
+        if not self._scheduled:
+            self._schedule()
         if exc is not None:
             raise exc
         return ret
+
+    def _extra(self, dev: Any, tid: int, cmd: int, arg: int, seen: Seen, err: int,
+               mem: CallerMemory) -> dict[str, Any] | None:
+        """What only call time can capture: FD_PRESERVE's file (described at flush), E2BIG's tail."""
+        op, size, data = seen.seen(dev.ops, cmd)
+        if op is None or size is None or data is None:
+            return None
+        extra: dict[str, Any] = {}
+        if cmd == _FD_PRESERVE and op.cmd == cmd and len(data) >= 8:
+            token = _U64.unpack_from(data, 8)[0] if len(data) >= 16 else None
+            pf = dev.core.outgoing.get(token) if not err and token is not None else None
+            # preserved: a dup of the emulator's own reference is the caller's file (1 syscall, not 3)
+            fd = getattr(pf.ops, "fd", None) if pf is not None else None
+            extra["file"] = (os.dup(fd) if fd is not None
+                             else grab_file(tid, int.from_bytes(data[4:8], sys.byteorder, signed=True)))
+        if err == errno.E2BIG and size > op.size:
+            extra["tail"] = self._tail(mem, arg + op.size, size - op.size)
+        return extra or None
 
     @staticmethod
     def _tail(mem: CallerMemory, addr: int, length: int) -> dict[str, Any]:
@@ -335,9 +413,10 @@ class Tracer:
         return {}
 
     def _finish_pending(self, p: tuple) -> None:
-        tid, fh, cmd, arg, t0, wall, rec, before = p
-        self._push(self._fmt_ioctl, wall, time.monotonic_ns(), tid, fh, cmd, arg, rec, errno.EFAULT, before,
-                   before, _perf() - t0, {"kernel_fault": True}, None)
+        tid, fh, cmd, arg, t0, wall, seen, before = p
+        now = _mono()
+        self._push(self._fmt_ioctl, wall, now, tid, fh, cmd, arg, self.device.ops, seen,
+                   errno.EFAULT, before, before, now - t0, {"kernel_fault": True}, None)
 
     # -- formatting (flush time) -----------------------------------------------------------------
     def _fmt_simple(self, seq: int, kind: str, wall: float, mono: int, tid: int, fields: dict) -> dict:
@@ -348,23 +427,26 @@ class Tracer:
             r["err"] = errname(fields["errno"])
         return r
 
+    def _fmt_state(self, seq: int, wall: float, mono: int, old: Any, new: Any) -> dict:
+        return {"type": "state", "seq": seq, "time": round(wall, 6), "mono_ns": mono, "from": old.label,
+                "to": new.label}
+
     def _fmt_ioctl(self, seq: int, wall: float, mono: int, tid: int, fh: int, cmd: int, arg: int,
-                   rec: dict, err: int, before: Any, after: Any, dur: int, extra: dict | None,
+                   ops: Any, seen: Seen, err: int, before: Any, after: Any, dur: int, extra: dict | None,
                    inj: dict | None) -> dict:
         r = self._base("ioctl", seq, wall, mono, tid)
-        op: Op | None = rec.get("op")
+        op, size, data = seen.seen(ops, cmd)
         r["fh"] = fh
         r["cmd"] = cmd
         r["name"] = uapi.IOCTL_NAMES.get(cmd, "unknown")
         r["arg"] = arg
-        if "size" in rec:
-            r["size"] = rec["size"]
-        data = rec.get("in")
+        if size is not None:
+            r["size"] = size
         if data is not None:
             r["in_hex"] = data.hex()
             if op is not None:
                 r["in"] = decode(op, data, outputs=False)
-        out = rec.get("out")
+        out = seen.out
         if out is not None:
             r["out_hex"] = out.hex()
             if op is not None:
@@ -377,6 +459,8 @@ class Tracer:
         r["state_after"] = after.label
         r["dur_us"] = round(dur / 1000, 1)
         if extra:
+            if "file" in extra:
+                extra = {**extra, "file": describe_file(extra["file"])}
             r.update(extra)
         if inj:
             r["injected"] = inj
@@ -401,23 +485,17 @@ def intercept(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: Caller
             if tracer is not None:
                 tracer.injected(fh, caller, cmd, arg, rule)
             raise OSError(rule.error, os.strerror(rule.error))
-    if tracer is None:
-        try:
-            ret = dev.run_ioctl(fh, caller, cmd, arg, mem)
-        except NeedRetry:
-            raise
-        except OSError:
+    try:
+        ret = (dev.run_ioctl(fh, caller, cmd, arg, mem) if tracer is None
+               else tracer.ioctl(dev, fh, caller, cmd, arg, mem))
+    except NeedRetry:
+        raise
+    except OSError:
+        if counted:
             inj.commit(counted)
-            raise
-    else:
-        try:
-            ret = tracer.ioctl(dev, fh, caller, cmd, arg, mem)
-        except NeedRetry:
-            raise
-        except OSError:
-            inj.commit(counted)
-            raise
-    inj.commit(counted)
+        raise
+    if counted:
+        inj.commit(counted)
     return ret
 
 

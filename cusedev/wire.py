@@ -57,6 +57,7 @@ KERNEL_MINOR_VERSION = uapi.FUSE_KERNEL_MINOR_VERSION
 _NO_REPLY_OPS = frozenset({uapi.FUSE_FORGET, uapi.FUSE_BATCH_FORGET, uapi.FUSE_INTERRUPT})
 
 _INTERRUPT = uapi.FUSE_INTERRUPT
+_IOCTL = uapi.FUSE_IOCTL
 _U64 = struct.Struct("=Q")
 _SIGKILL_BIT = 1 << (9 - 1)
 
@@ -211,6 +212,10 @@ class Session:
             meth = getattr(ops, mname, None)
             if meth is not None:
                 self._table[opcode] = meth
+        #: ``ops.raw_ioctl(buf, unique, uid, gid, pid)``, when the front end has one: FUSE_IOCTL
+        #: straight from the read buffer, returning the whole framed reply (or an awaitable of
+        #: the payload, like any operation)
+        self._raw_ioctl: Callable[..., Any] | None = getattr(ops, "raw_ioctl", None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._deferred: dict[int, tuple[asyncio.Future[Any], int]] = {}  # unique -> (future, caller tid)
@@ -245,6 +250,8 @@ class Session:
         table = self._table
         readv = os.readv
         writev = os.writev
+        write = os.write
+        raw_ioctl = self._raw_ioctl
         while True:
             try:
                 n = readv(fd, iov)
@@ -266,6 +273,21 @@ class Session:
                 if self._deferred and n >= _IN_HDR_SIZE + 8:
                     self._interrupt(_U64.unpack_from(mv, _IN_HDR_SIZE)[0])
                 continue
+            if opcode == _IOCTL and raw_ioctl is not None:
+                # a device's hot request: no Request object, no slicing, the reply comes back framed
+                try:
+                    res = raw_ioctl(mv, unique, uid, gid, pid)
+                except Exception as e:
+                    self._failed(unique, opcode, e)
+                    continue
+                if type(res) is bytes:
+                    try:
+                        write(fd, res)
+                    except OSError as e:
+                        self._write_failed(e)
+                else:
+                    self._defer(unique, opcode, res, pid)
+                continue
             req = Request(unique, opcode, nodeid, uid, gid, pid)
             meth = table.get(opcode)
             if meth is None:
@@ -276,14 +298,8 @@ class Session:
                 continue
             try:
                 res = meth(req, mv[_IN_HDR_SIZE:n])
-            except OSError as e:
-                if opcode not in _NO_REPLY_OPS:
-                    self.reply_error(unique, e.errno or errno.EIO)
-                continue
-            except Exception:
-                log.exception("%s: opcode %d failed", self.name, opcode)
-                if opcode not in _NO_REPLY_OPS:
-                    self.reply_error(unique, errno.EIO)
+            except Exception as e:
+                self._failed(unique, opcode, e)
                 continue
             if type(res) is bytes:  # the common reply, written inline (one writev, no extra calls)
                 try:
@@ -297,6 +313,16 @@ class Session:
                 self.reply(unique, res)
             else:
                 self._defer(unique, opcode, res, pid)
+
+    def _failed(self, unique: int, opcode: int, exc: Exception) -> None:
+        """An operation raised: OSError replies its errno, anything else is logged and replied EIO."""
+        if isinstance(exc, OSError):
+            err = exc.errno or errno.EIO
+        else:
+            log.error("%s: opcode %d failed", self.name, opcode, exc_info=exc)
+            err = errno.EIO
+        if opcode not in _NO_REPLY_OPS:
+            self.reply_error(unique, err)
 
     def _interrupt(self, unique: int) -> None:
         """FUSE_INTERRUPT of a deferred request: drop it if its caller is dying.

@@ -131,6 +131,7 @@ class FakeMemory:
     """Caller memory as a bytearray at address 0x1000; anything else faults."""
 
     BASE = 0x1000
+    direct = True
 
     def __init__(self, data: bytes):
         self.buf = bytearray(data)

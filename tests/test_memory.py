@@ -81,3 +81,40 @@ def test_retry_write_outside_declared_goes_direct() -> None:
     mem = RetryMemory(os.getpid())
     mem.write(ctypes.addressof(buf), b"ok")
     assert buf.raw[:2] == b"ok" and mem.out_payload() == b""
+
+
+@pytest.mark.parametrize("size, rounds, err", [(8, 2, 0), (12, 2, 0), (6, 1, errno.EINVAL)])
+def test_dispatch_over_retry_rounds_as_traced(size: int, rounds: int, err: int) -> None:
+    """The real ABI table over CUSE-style rounds, seen through the tracer's wrapper: how many
+    rounds the kernel is asked for, the reply payload, and what the trace records (size, in, out)."""
+    from cusedev.abi.table import dispatch
+    from cusedev.abi.v3 import OPS
+    from cusedev.core import LiveUpdateCore
+    from cusedev.trace import Seen
+    from cusedev.uapi import LIVEUPDATE_IOCTL_GET_STATE as GS
+
+    class Ctx:
+        core = LiveUpdateCore()
+
+    arg = 0x7000_0000
+    caller = struct.pack("=II", size, 0)[:size] + bytes(max(0, size - 8))
+    mem, asked, got = RetryMemory(1), 0, 0
+    while True:
+        seen = Seen(mem, arg, mem.direct)
+        try:
+            dispatch(OPS, Ctx(), None, GS, arg, seen)
+            break
+        except NeedRetry as r:
+            asked += 1
+            assert asked < 5
+            data = b"".join(caller[a - arg:a - arg + n] for a, n in r.in_ranges)
+            mem = RetryMemory(1, r.in_ranges, data, r.out_ranges)
+        except OSError as e:
+            got = e.errno
+            break
+    assert (asked, got) == (rounds, err)
+    n = min(size, 8)
+    assert seen.seen(OPS, GS)[1:] == (size, caller[:n] if size >= 8 else caller[:4])
+    if not err:
+        assert mem.out_payload() == struct.pack("=II", size, 1)[:n]
+        assert bytes(seen.out or b"") == struct.pack("=II", size, 1)[:n]

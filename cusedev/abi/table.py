@@ -100,48 +100,45 @@ def _check_zero_tail(mem: CallerMemory, addr: int, length: int) -> None:
         addr += n
 
 
-def dispatch(
-    table: Sequence[Op], ctx: Any, caller: Any, cmd: int, arg: int, mem: CallerMemory, rec: dict | None = None
-) -> int:
+def dispatch(table: Sequence[Op], ctx: Any, caller: Any, cmd: int, arg: int, mem: CallerMemory) -> int:
     """Run one ioctl against ``table``; returns 0 or raises OSError(errno).
 
-    ``rec`` (tracing only) receives what was seen: ``op``, ``size``, ``in`` (the
-    struct as copied in) and ``out`` (the bytes written back), as far as the call got.
+    Every access to the caller goes through ``mem``, so a tracer learns what
+    the call saw (size, struct in, bytes out) by wrapping ``mem``; nothing here
+    pays for tracing.
     """
     nr = cmd & 0xFF
     if nr >= len(table):
         raise fail(errno.EINVAL)
     op = table[nr]
-    if rec is not None:
-        rec["op"] = op
-    data = mem.peek(arg, op.size, 4)
+    size_of = op.size
+    data = mem.peek(arg, size_of, 4)
     (size,) = _U32.unpack_from(data)
-    if rec is not None:
-        rec["size"] = size
-        rec["in"] = data[: min(size, op.size)]
     if cmd != op.cmd:
         raise fail(errno.ENOTTY)
     if size < op.min_size:
         raise fail(errno.EINVAL)
-    n = size if size < op.size else op.size
-    mem.declare((arg, size), (arg, n) if op.outputs else None)
-    if size > op.size:
-        _check_zero_tail(mem, arg + op.size, size - op.size)
-    if len(data) < n:
-        data = mem.read(arg, n)
-    elif len(data) > n:
-        data = data[:n]
-    if n < op.size:
-        data = data + bytes(op.size - n)
-    if rec is not None:
-        rec["in"] = data[:n]
+    if size == size_of and len(data) == size_of:  # the common case: the caller's struct is ours
+        n = size
+        if op.outputs and not mem.direct:
+            mem.declare((arg, size), (arg, size))
+    else:
+        n = size if size < size_of else size_of
+        mem.declare((arg, size), (arg, n) if op.outputs else None)
+        if size > size_of:
+            _check_zero_tail(mem, arg + size_of, size - size_of)
+        if len(data) < n:
+            data = mem.read(arg, n)
+        elif len(data) > n:
+            data = data[:n]
+        if n < size_of:
+            data = data + bytes(size_of - n)
     out = op.handler(ctx, caller, op.unpack(data))
     if out:
         buf = bytearray(data)
-        for fname, value in out.items():
-            off, codec = op.outputs[fname]
-            codec.pack_into(buf, off, value)
-        if rec is not None:
-            rec["out"] = bytes(buf[:n])
-        mem.write(arg, bytes(buf[:n]))
+        outputs = op.outputs
+        for fname in out:
+            off, codec = outputs[fname]
+            codec.pack_into(buf, off, out[fname])
+        mem.write(arg, buf if n == size_of else buf[:n])
     return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import errno
 import inspect
+import struct
 from typing import Any
 
 from .. import uapi
 from ..device import Caller, CallerMemory, DeviceHandler
 from ..memory import ProcessVmMemory
-from ..wire import Operations, Request
+from ..wire import IN_HEADER, OUT_HEADER, Operations, Request
 
 OPEN_IN = uapi.codec("struct fuse_open_in")
 OPEN_OUT = uapi.codec("struct fuse_open_out")
@@ -29,7 +30,10 @@ _unpack_ioctl_in = IOCTL_IN.struct.unpack_from
 _pack_ioctl_out = IOCTL_OUT.struct.pack
 _IOCTL_IN_SIZE = IOCTL_IN.size
 _IOCTL_COMPAT = uapi.FUSE_IOCTL_COMPAT
-_IOCTL_OK = _pack_ioctl_out(0, 0, 0, 0)
+# a whole FUSE_IOCTL reply in one pack: fuse_out_header then fuse_ioctl_out
+_pack_framed = struct.Struct(OUT_HEADER.struct.format + IOCTL_OUT.struct.format[1:]).pack
+_FRAMED_LEN = OUT_HEADER.size + IOCTL_OUT.size
+_IN_HDR_SIZE = IN_HEADER.size
 _MAX_CALLERS = 256
 
 
@@ -51,6 +55,8 @@ class DeviceOps(Operations):
         # Neither hook overridden (the FUSE file): ``ioctl`` builds the memory and the reply itself.
         cls = type(self)
         self._direct = cls.memory_for is DeviceOps.memory_for and cls.ioctl_reply is DeviceOps.ioctl_reply
+        if not self._direct:
+            self.raw_ioctl = None  # type: ignore[assignment]  # the session then uses ``ioctl``
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
@@ -91,26 +97,43 @@ class DeviceOps(Operations):
         """ENOSYS: the kernel then answers DEFAULT_POLLMASK, as for a device without ->poll."""
         raise OSError(errno.ENOSYS, "no poll")
 
-    def ioctl(self, req: Request, body: memoryview) -> Any:
-        fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
-        if flags & _IOCTL_COMPAT:
-            raise _enotty()  # no compat_ioctl on the real device
-        key = (req.pid, req.uid, req.gid)
+    def _caller(self, tid: int, uid: int, gid: int) -> tuple[Caller, ProcessVmMemory]:
+        """The (immutable) caller and its direct memory, reused across a client's many ioctls."""
+        key = (tid, uid, gid)
         known = self._callers.get(key)
         if known is None:
             if len(self._callers) >= _MAX_CALLERS:
                 self._callers.clear()
-            known = self._callers[key] = (Caller(*key), ProcessVmMemory(req.pid))  # both stateless
-        caller, pvm = known
-        direct = self._direct
-        mem: CallerMemory = pvm if direct else self.memory_for(
+            known = self._callers[key] = (Caller(tid, uid, gid), ProcessVmMemory(tid))
+        return known
+
+    def raw_ioctl(self, buf: memoryview, unique: int, uid: int, gid: int, tid: int) -> Any:
+        """FUSE_IOCTL from the session's read buffer (``wire.Session``'s fast path), caller memory direct.
+
+        Returns the framed reply (out header + ``fuse_ioctl_out``) or an awaitable of the payload.
+        Only used while neither hook is overridden (the FUSE file); see ``__init__``.
+        """
+        fh, flags, cmd, arg, _in_size, _out_size = _unpack_ioctl_in(buf, _IN_HDR_SIZE)
+        if flags & _IOCTL_COMPAT:
+            raise _enotty()  # no compat_ioctl on the real device
+        known = self._callers.get((tid, uid, gid))
+        caller, pvm = known if known is not None else self._caller(tid, uid, gid)
+        res = self.handler.ioctl(fh, caller, cmd, arg, pvm)
+        if type(res) is not int:
+            if inspect.isawaitable(res):
+                return self._ioctl_later(res, pvm)
+            res = int(res)
+        return _pack_framed(_FRAMED_LEN, 0, unique, res, 0, 0, 0)
+
+    def ioctl(self, req: Request, body: memoryview) -> Any:
+        fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
+        if flags & _IOCTL_COMPAT:
+            raise _enotty()
+        caller, pvm = self._caller(req.pid, req.uid, req.gid)
+        mem = pvm if self._direct else self.memory_for(
             req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size], in_size, out_size, fh)
         res = self.handler.ioctl(fh, caller, cmd, arg, mem)
-        if type(res) is int:
-            if direct:
-                return _IOCTL_OK if res == 0 else _pack_ioctl_out(res, 0, 0, 0)
-            return self.ioctl_reply(res, mem)
-        if inspect.isawaitable(res):
+        if type(res) is not int and inspect.isawaitable(res):
             return self._ioctl_later(res, mem)
         return self.ioctl_reply(int(res), mem)
 
