@@ -41,6 +41,7 @@ from . import __version__, pidfd, uapi
 from .abi.table import _U32, Op, _check_zero_tail, _prim
 from .core import State
 from .device import Caller, CallerMemory, NeedRetry
+from .files import TMPFS_MAGIC, fs_type
 
 FORMAT_VERSION = 1
 CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
@@ -130,8 +131,6 @@ def describe_file(ours: int | dict[str, Any]) -> dict[str, Any]:
         if fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
             return {"kind": "opath"}
         st = os.fstat(ours)
-        from .files import TMPFS_MAGIC, fs_type
-
         shmem = stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(ours) == TMPFS_MAGIC
         info: dict[str, Any] = {"kind": "shmem" if shmem else "other", "ino": st.st_ino, "dev": st.st_dev}
         if not shmem:
