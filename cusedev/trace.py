@@ -182,17 +182,16 @@ class Seen:
         self.data: bytes | None = None
         self.out: bytes | bytearray | None = None
 
-    def read(self, addr: int, length: int) -> bytes:
-        data = self.mem.read(addr, length)
+    def _keep(self, addr: int, data: bytes) -> bytes:
         if addr == self.arg and (self.data is None or len(data) > len(self.data)):
             self.data = data
         return data
 
+    def read(self, addr: int, length: int) -> bytes:
+        return self._keep(addr, self.mem.read(addr, length))
+
     def peek(self, addr: int, want: int, need: int) -> bytes:
-        data = self.mem.peek(addr, want, need)
-        if addr == self.arg and (self.data is None or len(data) > len(self.data)):
-            self.data = data
-        return data
+        return self._keep(addr, self.mem.peek(addr, want, need))
 
     def declare(self, in_range: tuple[int, int], out_range: tuple[int, int] | None) -> None:
         self.mem.declare(in_range, out_range)
@@ -228,8 +227,7 @@ class Tracer:
         self.seq = 0
         self._queue: list[tuple[Callable[..., str], tuple]] = []
         self._scheduled = False
-        self._procs: dict[int, tuple[int, str]] = {}
-        self._who_frags: dict[int, str] = {}
+        self._procs: dict[int, tuple[int, str, str]] = {}  # tid -> (pid, comm, JSON fragment)
         self.pending: dict[int, tuple] = {}
         self._fault: dict[str, Any] | None = None
         self._in_ioctl = False
@@ -240,7 +238,7 @@ class Tracer:
     def header(self) -> dict[str, Any]:
         return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.NAME,
                 "arch": platform.machine(), "endian": sys.byteorder, "emulator": f"cusedev {__version__}",
-                "time": _wall(), "mono_ns": time.monotonic_ns(), "emulator_pid": os.getpid(),
+                "time": _wall(), "mono_ns": _mono(), "emulator_pid": os.getpid(),
                 "state": self.device.core.state.label}
 
     # -- output ----------------------------------------------------------------------------------
@@ -252,15 +250,12 @@ class Tracer:
     def _push(self, fmt: Callable[..., str], *args: Any) -> None:
         self._queue.append((fmt, args))
         if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        loop = _get_loop()
-        if loop is None:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+            loop = _get_loop()
+            if loop is None:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -283,26 +278,18 @@ class Tracer:
             os.close(self.fd)
             self.fd = -1
 
-    def _who(self, tid: int, fresh: bool = False) -> tuple[int, str]:
+    def _who(self, tid: int, fresh: bool = False) -> tuple[int, str, str]:
+        """(pid, comm, ``"pid":…,"tid":…,"comm":…`` JSON-escaped once) of a caller thread."""
         ids = None if fresh else self._procs.get(tid)
         if ids is None:
             if len(self._procs) > 4096:
                 self._procs.clear()
-            ids = self._procs[tid] = _proc_ids(tid)
+            pid, comm = _proc_ids(tid)
+            ids = self._procs[tid] = (pid, comm, f'"pid":{pid},"tid":{tid},"comm":{_encode(comm)}')
         return ids
 
-    def _who_json(self, tid: int) -> str:
-        """``"pid":…,"tid":…,"comm":…`` of a caller, JSON-escaped once per thread."""
-        frag = self._who_frags.get(tid)
-        if frag is None:
-            if len(self._who_frags) > 4096:
-                self._who_frags.clear()
-            pid, comm = self._who(tid)
-            frag = self._who_frags[tid] = f'"pid":{pid},"tid":{tid},"comm":{_encode(comm)}'
-        return frag
-
     def _base(self, kind: str, seq: int, wall: float, mono: int, tid: int) -> dict[str, Any]:
-        pid, comm = self._who(tid)
+        pid, comm, _frag = self._who(tid)
         return {"type": kind, "seq": seq, "time": round(wall, 6), "mono_ns": mono, "pid": pid, "tid": tid,
                 "comm": comm}
 
@@ -316,16 +303,15 @@ class Tracer:
     def open(self, caller: Caller, flags: int, fh: int, err: int) -> None:
         self._seen(caller.tid)
         self._who(caller.tid, fresh=True)
-        self._who_frags.pop(caller.tid, None)
-        self._push(self._fmt_simple, "open", _wall(), time.monotonic_ns(), caller.tid,
+        self._push(self._fmt_simple, "open", _wall(), _mono(), caller.tid,
                    {"flags": flags, "fh": fh, "ret": -1 if err else 0, "errno": err})
 
     def release(self, fh: int) -> None:
-        self._push(self._fmt_simple, "release", _wall(), time.monotonic_ns(), 0, {"fh": fh})
+        self._push(self._fmt_simple, "release", _wall(), _mono(), 0, {"fh": fh})
 
     def rw(self, kind: str, fh: int, caller: Caller, size: int, err: int) -> None:
         self._seen(caller.tid)
-        self._push(self._fmt_simple, kind, _wall(), time.monotonic_ns(), caller.tid,
+        self._push(self._fmt_simple, kind, _wall(), _mono(), caller.tid,
                    {"fh": fh, "count": size, "ret": -1 if err else size, "errno": err})
 
     def kexec(self, fn: Callable[[], bool]) -> bool:
@@ -334,13 +320,13 @@ class Tracer:
         try:
             live = fn()
         except OSError as e:
-            self._push(self._fmt_simple, "kexec", _wall(), time.monotonic_ns(), 0,
+            self._push(self._fmt_simple, "kexec", _wall(), _mono(), 0,
                        {"ret": -1, "errno": e.errno, "state_before": before.label,
                         "state_after": self.device.core.state.label,
                         **({"injected": self._fault} if self._fault else {})})
             raise
         core = self.device.core
-        self._push(self._fmt_simple, "kexec", _wall(), time.monotonic_ns(), 0,
+        self._push(self._fmt_simple, "kexec", _wall(), _mono(), 0,
                    {"ret": 0, "errno": 0, "live": live, "state_before": before.label,
                     "state_after": core.state.label, "update_count": core.update_count})
         return live
@@ -355,14 +341,14 @@ class Tracer:
     def fault(self, point: str, rule: Any) -> None:
         """A core fault point fired (prepare/kexec): marks the running ioctl or kexec, and gets its own record."""
         self._fault = {"rule": rule.text, "point": point, "errno": rule.error}
-        self._push(self._fmt_simple, "fault", _wall(), time.monotonic_ns(), 0,
+        self._push(self._fmt_simple, "fault", _wall(), _mono(), 0,
                    {"rule": rule.text, "point": point, "errno": rule.error, "err": errname(rule.error)})
 
     def injected(self, fh: int, caller: Caller, cmd: int, arg: int, rule: Any) -> None:
         """An ioctl failed by a rule before its handler ran."""
         self._seen(caller.tid)
         st = self.device.core.state
-        self._push(self._fmt_ioctl, _wall(), time.monotonic_ns(), caller.tid, fh, cmd, arg, self.device.ops,
+        self._push(self._fmt_ioctl, _wall(), _mono(), caller.tid, fh, cmd, arg, self.device.ops,
                    _NOTHING_SEEN, rule.error, st, st, 0, None,
                    {"rule": rule.text, "errno": rule.error, "delay": rule.delay})
 
@@ -401,15 +387,12 @@ class Tracer:
         inj = self._fault
         if rule is not None:
             inj = {"rule": rule.text, "delay": rule.delay, "errno": 0}
-        q = self._queue
-        q.append((self._fmt_ioctl, (wall, t1, tid, fh, cmd, arg, dev.ops, seen, err, before, dev.core.state,
-                                    t1 - t0, extra, inj)))
+        self._push(self._fmt_ioctl, wall, t1, tid, fh, cmd, arg, dev.ops, seen, err, before, dev.core.state,
+                   t1 - t0, extra, inj)
         if self._states:  # the state changes it made, each its own record, stamped like the call
             for old, new in self._states:
-                q.append((self._fmt_state, (wall, t1, old, new)))
+                self._push(self._fmt_state, wall, t1, old, new)
             self._states.clear()
-        if not self._scheduled:
-            self._schedule()
         if exc is not None:
             raise exc
         return ret
@@ -475,7 +458,7 @@ class Tracer:
         keys in the order of the README's schema."""
         op, size, data = seen.seen(ops, cmd)
         name = _NAMES_JSON.get(cmd, '"unknown"')
-        line = (f'{{"type":"ioctl","seq":{seq},"time":{round(wall, 6)!r},"mono_ns":{mono},{self._who_json(tid)},'
+        line = (f'{{"type":"ioctl","seq":{seq},"time":{round(wall, 6)!r},"mono_ns":{mono},{self._who(tid)[2]},'
                 f'"fh":{fh},"cmd":{cmd},"name":{name},"arg":{arg}')
         if size is not None:
             line += f',"size":{size}'

@@ -52,11 +52,11 @@ class DeviceOps(Operations):
         # Callers are immutable and a client issues many ioctls from few threads: reuse them, and
         # their direct memory (building a frozen dataclass was the costliest Python step of a GET_STATE).
         self._callers: dict[tuple[int, int, int], tuple[Caller, ProcessVmMemory]] = {}
-        # Neither hook overridden (the FUSE file): ``ioctl`` builds the memory and the reply itself.
+        # Neither hook overridden (the FUSE file): the session's fast path ``raw_ioctl`` serves every
+        # ioctl; otherwise (CUSE) the session calls ``ioctl``, which goes through the hooks.
         cls = type(self)
-        self._direct = cls.memory_for is DeviceOps.memory_for and cls.ioctl_reply is DeviceOps.ioctl_reply
-        if not self._direct:
-            self.raw_ioctl = None  # type: ignore[assignment]  # the session then uses ``ioctl``
+        if cls.memory_for is not DeviceOps.memory_for or cls.ioctl_reply is not DeviceOps.ioctl_reply:
+            self.raw_ioctl = None  # type: ignore[assignment]
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
@@ -129,8 +129,8 @@ class DeviceOps(Operations):
         fh, flags, cmd, arg, in_size, out_size = _unpack_ioctl_in(body, 0)
         if flags & _IOCTL_COMPAT:
             raise _enotty()
-        caller, pvm = self._caller(req.pid, req.uid, req.gid)
-        mem = pvm if self._direct else self.memory_for(
+        caller, _pvm = self._caller(req.pid, req.uid, req.gid)
+        mem = self.memory_for(
             req, cmd, arg, flags, body[_IOCTL_IN_SIZE:_IOCTL_IN_SIZE + in_size], in_size, out_size, fh)
         res = self.handler.ioctl(fh, caller, cmd, arg, mem)
         if type(res) is not int and inspect.isawaitable(res):
