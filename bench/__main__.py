@@ -61,6 +61,12 @@ def set_affinity(pid: int, cpus: list[int]) -> None:
             pass
 
 
+def last_cpu(pid: int) -> int:
+    """The CPU ``pid``'s main thread last ran on (read once a client is done: no sampling during a run)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -200,6 +206,8 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
                 set_affinity(pid, server_cpus)
                 for op in OPS:
                     res = run_client(client, "lat", dev, op, n[op], cpus=client_cpus)
+                    # together: the client ran (mostly) on the CPU the server last ran on
+                    res["together"] = res["cpu"] == last_cpu(pid) and res["cpu_share"] >= 0.9
                     raw.setdefault(placement, {}).setdefault(name, {}).setdefault(op, []).append(res)
             log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
                 f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))
@@ -211,7 +219,7 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             for op, results in by_op.items():
                 out.setdefault(placement, {}).setdefault(op, {})[name] = {
                     k: statistics.median(x[k] for x in results) for k in ("median_us", "p99_us", "ioctls_per_s")
-                } | {"runs": results}
+                } | {"together_runs": sum(x["together"] for x in results), "runs": results}
         for op in OPS:
             row = out[placement][op]
             row["ratio_median"] = round(row["emulator"]["median_us"] / row["baseline"]["median_us"], 2)
@@ -292,16 +300,25 @@ def table(res: dict[str, Any]) -> str:
                          f"{b['median_us']:>8.1f} / {b['p99_us']:>8.1f} {row['ratio_median']:>5.2f}x{extra} "
                          f"{e['ioctls_per_s']:>11.0f} {b['ioctls_per_s']:>12.0f}"
                          + (f" {row['emulator_ref']['median_us']:>10.1f}" if ref else ""))
+    if "free" in lat:
+        runs = len(lat["free"]["get_state"]["emulator"]["runs"])
+        lines.append("free: runs with the client on the server's CPU (of " + str(runs) + "): " + ", ".join(
+            f"{OP_LABEL[op].split('+')[0]} " + " ".join(
+                f"{name} {row['together_runs']}" for name, row in lat["free"][op].items() if isinstance(row, dict)
+                and "together_runs" in row) for op in OPS))
     if "emulator_traced" in lat["free"]["get_state"]:
         lines.append("")
-        lines.append(f"{'placement':<8} {'ioctl':<26} {'untraced med µs':>15} {'traced med µs':>13} {'growth':>7}")
+        lines.append(f"{'placement':<8} {'ioctl':<26} {'untraced med µs':>15} {'traced med µs':>13} {'growth':>7} "
+                     f"{'one CPU (runs): untraced':>24} {'traced':>6}")
         for placement in PLACEMENTS:
             if placement not in lat:
                 continue
             for op in OPS:
                 row = lat[placement][op]
-                lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {row['emulator']['median_us']:>15.1f} "
-                             f"{row['emulator_traced']['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}%")
+                e, t = row["emulator"], row["emulator_traced"]
+                lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>15.1f} "
+                             f"{t['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}% "
+                             f"{e['together_runs']:>22}/{len(e['runs'])} {t['together_runs']:>4}/{len(t['runs'])}")
     if res.get("kexec"):
         lines.append("")
         lines.append(f"{'preserved':<18} {'preserve ms':>11} {'prepare ms':>10} {'kexec ms':>9} {'restore ms':>10} "

@@ -7,7 +7,8 @@
  *   client lat DEV OP N        OP = get_state | preserve | event; N timed iterations
  *                              (after N/10 warm-up).  preserve = FD_PRESERVE +
  *                              FD_UNPRESERVE of one memfd, event = SET_EVENT
- *                              PREPARE + CANCEL; latency is per iteration.
+ *                              PREPARE + CANCEL; latency is per iteration; also
+ *                              the CPU the client ran most iterations on.
  *   client loop DEV N          N GET_STATE calls, no per-call samples (RSS runs).
  *   client hold DEV COUNT KIB  preserve COUNT memfds of KIB KiB each (pages
  *                              allocated), PREPARE, print timings, then wait
@@ -19,6 +20,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -35,6 +37,7 @@
 #include <linux/types.h>
 #include "luo_v3.h"
 
+#define MAX_CPUS 256
 #define LUO_IO(cmd) _IO(LIVEUPDATE_IOCTL_TYPE, cmd)
 
 static double now(void)
@@ -122,6 +125,7 @@ static int mode_lat(const char *path, const char *op, long n)
 	}
 	int mfd = kind == 1 ? make_memfd(4096) : -1;
 	double *s = malloc(sizeof(double) * n);
+	long on_cpu[MAX_CPUS] = { 0 };  /* where the client ran (free placement: with the server or not) */
 	if (!s)
 		die("malloc");
 	long warm = n / 10 + 1;
@@ -143,15 +147,25 @@ static int mode_lat(const char *path, const char *op, long n)
 			set_event(dev, LIVEUPDATE_CANCEL);
 			break;
 		}
-		if (i >= 0)
+		if (i >= 0) {
 			s[i] = now() - t0;
+			int c = sched_getcpu();
+			if (c >= 0 && c < MAX_CPUS)
+				on_cpu[c]++;
+		}
 	}
 	double total = now() - t_start;
+	int cpu = 0;
+	for (int c = 1; c < MAX_CPUS; c++)
+		if (on_cpu[c] > on_cpu[cpu])
+			cpu = c;
 	qsort(s, n, sizeof(double), cmp_double);
 	int per = kind == 0 ? 1 : 2;
 	printf("{\"op\": \"%s\", \"n\": %ld, \"ioctls_per_iter\": %d, \"median_us\": %.2f, "
-	       "\"p99_us\": %.2f, \"min_us\": %.2f, \"ioctls_per_s\": %.0f, \"seconds\": %.3f}\n",
-	       op, n, per, s[n / 2] * 1e6, s[(long)(n * 0.99)] * 1e6, s[0] * 1e6, n * per / total, total);
+	       "\"p99_us\": %.2f, \"min_us\": %.2f, \"ioctls_per_s\": %.0f, \"seconds\": %.3f, "
+	       "\"cpu\": %d, \"cpu_share\": %.3f}\n",
+	       op, n, per, s[n / 2] * 1e6, s[(long)(n * 0.99)] * 1e6, s[0] * 1e6, n * per / total, total,
+	       cpu, (double)on_cpu[cpu] / n);
 	return 0;
 }
 

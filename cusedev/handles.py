@@ -150,6 +150,8 @@ class LiveUpdateDevice:
         self.tracer: Any = None
         #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``)
         self.injector = Injector(self)
+        #: each transport session's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
+        self.pumps: list[Callable[[], None]] = []
         self.opener_tid = 0
         self._next_fh = 1
         self._warned = False
@@ -190,6 +192,13 @@ class LiveUpdateDevice:
         if s is None or s.revoked:
             raise fail(errno.ENODEV)
         return dispatch(self.ops, s, caller, cmd, arg, mem)
+
+    def pump(self) -> None:
+        """Answer the requests already queued on every transport, without blocking: called by
+        work that runs between requests and may take a while (the trace flush), so that a client
+        on another CPU does not wait behind it.  On the loop's thread only."""
+        for serve in self.pumps:
+            serve()
 
     def run_ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
         """The ioctl itself, for an interceptor (tracing, fault injection)."""

@@ -8,9 +8,11 @@ record is in the file (page cache) as soon as its reply is out and survives
 a crash of the client or of the emulator.  Without tracing and injection the
 device's ``interceptor`` is None and nothing here runs.
 
-Only the FD_PRESERVE record does real work at call time (size, digest and,
-for small files, the content of the preserved file: the file may change or
-be closed after the call, and replay needs them to stand in a memfd).
+Only the FD_PRESERVE record does real work at call time: it keeps a dup of
+the preserved file (the caller may close its fd right after the call), which
+the flush describes — size, digest and, for small files, the contents that
+replay needs to stand in a memfd.  A flush that took a while lets requests
+queued meanwhile go first (``LiveUpdateDevice.pump``) before it writes.
 
 On CUSE with retry memory a call can take several rounds (``NeedRetry``);
 it is recorded once, at the final round.  When the kernel cannot copy a
@@ -47,6 +49,7 @@ FORMAT_VERSION = 1
 CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
 DIGEST_LIMIT = 256 << 20  # bytes hashed at most (the loop must not stall on a guest's RAM)
 TAIL_LIMIT = 1 << 20
+PUMP_AFTER_NS = 10_000  # a flush whose formatting took longer lets queued requests go first
 
 _mono = time.monotonic_ns
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
@@ -123,15 +126,17 @@ def grab_file(tid: int, fd: int) -> int | dict[str, Any]:
         return {"kind": "none"}
 
 
-def describe_file(ours: int | dict[str, Any]) -> dict[str, Any]:
-    """What FD_PRESERVE's fd was: kind, size, digest (and small contents) for replay; closes ``ours``."""
+def describe_file(ours: int | dict[str, Any], preserved: bool = False) -> dict[str, Any]:
+    """What FD_PRESERVE's fd was: kind, size, digest (and small contents) for replay; closes ``ours``.
+    ``preserved``: ``ours`` is a dup of the emulator's own reference, which the core has already
+    probed as a shmem file (two syscalls fewer)."""
     if isinstance(ours, dict):
         return ours
     try:
-        if fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
+        if not preserved and fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
             return {"kind": "opath"}
         st = os.fstat(ours)
-        shmem = stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(ours) == TMPFS_MAGIC
+        shmem = preserved or (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(ours) == TMPFS_MAGIC)
         info: dict[str, Any] = {"kind": "shmem" if shmem else "other", "ino": st.st_ino, "dev": st.st_dev}
         if not shmem:
             info["mode"] = stat.filemode(st.st_mode)
@@ -160,10 +165,10 @@ def describe_file(ours: int | dict[str, Any]) -> dict[str, Any]:
         os.close(ours)
 
 
-def file_json(ours: int | dict[str, Any]) -> str:
-    """``describe_file`` as JSON text; the base64 contents are spliced in as they are (the
+def file_json(file: tuple[int | dict[str, Any], bool]) -> str:
+    """``describe_file(*file)`` as JSON text; the base64 contents are spliced in as they are (the
     encoder would scan every character of a string that never needs escaping: 3 µs per KiB)."""
-    info = describe_file(ours)
+    info = describe_file(*file)
     data = info.pop("data", None)
     text = _encode(info)
     return text if data is None else f'{text[:-1]},"data":"{data}"}}'
@@ -255,13 +260,28 @@ class Tracer:
                 self.flush()
                 return
             self._scheduled = True
-            loop.call_soon(self.flush)
+            loop.call_soon(self._flush_soon)
 
     def flush(self) -> None:
         self._scheduled = False
         q, self._queue = self._queue, []
         if q:
             self._write(self._numbered(q))
+
+    def _flush_soon(self) -> None:
+        """The loop's flush, just after the reply.  When formatting took a while (an FD_PRESERVE
+        record describes the file: digest, contents), requests that arrived meanwhile are answered
+        before the write: a client on another CPU sends its next ioctl ~10-20 µs after a reply,
+        and would otherwise wait for the rest of the flush.  Their records queue behind these."""
+        self._scheduled = False
+        q, self._queue = self._queue, []
+        if not q:
+            return
+        t0 = _mono()
+        lines = list(self._numbered(q))
+        if _mono() - t0 > PUMP_AFTER_NS:
+            self.device.pump()
+        self._write(lines)
 
     def _numbered(self, q: list[tuple[Callable[..., str], tuple]]) -> Iterator[str]:
         """Records in queue order, which is event order: sequence numbers are given here, not per call."""
@@ -409,8 +429,8 @@ class Tracer:
             pf = dev.core.outgoing.get(token) if not err and token is not None else None
             # preserved: a dup of the emulator's own reference is the caller's file (1 syscall, not 3)
             fd = getattr(pf.ops, "fd", None) if pf is not None else None
-            extra["file"] = (os.dup(fd) if fd is not None
-                             else grab_file(tid, int.from_bytes(data[4:8], sys.byteorder, signed=True)))
+            extra["file"] = ((os.dup(fd), True) if fd is not None
+                             else (grab_file(tid, int.from_bytes(data[4:8], sys.byteorder, signed=True)), False))
         if err == errno.E2BIG and size > op.size:
             extra["tail"] = self._tail(mem, arg + op.size, size - op.size)
         return extra or None

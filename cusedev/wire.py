@@ -194,6 +194,12 @@ class Operations:
     def batch_forget(self, req: Request, body: memoryview) -> Any:
         return NO_REPLY
 
+    def started(self, session: Session) -> None:
+        """``session`` serves these operations from now on (``session.serve_queued`` may be kept)."""
+
+    def stopped(self, session: Session) -> None:
+        """``session`` no longer serves them."""
+
 
 class Session:
     """One kernel connection: the fd, the read buffer, the dispatch table, the replies."""
@@ -217,6 +223,7 @@ class Session:
         #: the payload, like any operation)
         self._raw_ioctl: Callable[..., Any] | None = getattr(ops, "raw_ioctl", None)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = False
         self._pending: set[asyncio.Future[Any]] = set()
         self._deferred: dict[int, tuple[asyncio.Future[Any], int]] = {}  # unique -> (future, caller tid)
         self.closed: asyncio.Future[None] | None = None
@@ -227,12 +234,16 @@ class Session:
         self._loop = loop or asyncio.get_running_loop()
         self.closed = self._loop.create_future()
         os.set_blocking(self.fd, False)
-        self._loop.add_reader(self.fd, self._on_readable)
+        self._loop.add_reader(self.fd, self.serve_queued)
+        self._serving = True
+        self.ops.started(self)
 
     def stop(self) -> None:
         """Stop reading (the fd stays open: the owner closes it)."""
-        if self._loop is not None:
+        if self._loop is not None and self._serving:
+            self._serving = False
             self._loop.remove_reader(self.fd)
+            self.ops.stopped(self)
         for fut in list(self._pending):
             fut.cancel()
         if self.closed is not None and not self.closed.done():
@@ -243,7 +254,10 @@ class Session:
         self.stop()
 
     # -- hot path --------------------------------------------------------
-    def _on_readable(self) -> None:
+    def serve_queued(self) -> None:
+        """Serve every request the kernel has queued, without blocking: the fd's reader, and
+        what work running between requests calls so that a request that arrived meanwhile
+        is answered first (on the loop's thread only)."""
         fd = self.fd
         iov = self._iov
         mv = self._mv

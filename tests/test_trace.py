@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _server import REPO, ServerProc, public_dir, served_device  # noqa: F401  (fixtures)
+from _server import REPO, ServerProc, force_cleanup, public_dir, served_device  # noqa: F401  (fixtures)
 from clients import PyClient
 
 from cusedev import uapi as U
@@ -278,3 +278,86 @@ def test_replay_across_kexec(public_dir: Path, tmp_path: Path, transport_name: s
         r = cli("trace", "replay", "--after-kexec", str(trace), "--device", srv.device)
         assert r.returncode == 0 and " 0 divergences" in r.stdout, r.stdout + r.stderr
         assert "LIVEUPDATE_IOCTL_FD_PRESERVE" not in r.stdout
+
+
+def test_flush_answers_queued_requests_before_writing(public_dir: Path, transport_name: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that took a while (an FD_PRESERVE record describes the file) answers the requests
+    queued meanwhile before it writes (``LiveUpdateDevice.pump``), and the trace keeps event
+    order.  Forced for every flush here; at the first one a second client thread's GET_STATE is
+    queued, and must be answered while the flushed records are not yet in the file."""
+    import asyncio
+    import fcntl
+    import select
+    import threading
+
+    from cusedev import trace as T
+    from cusedev.handles import LiveUpdateDevice
+    from cusedev.server import Server
+
+    monkeypatch.setattr(T, "PUMP_AFTER_NS", -1)
+    path, out = str(public_dir / "pump"), tmp_path / "pump.jsonl"
+    dev = LiveUpdateDevice()
+    real_pump = dev.pump
+    got: dict = {}
+    done = threading.Event()
+
+    def get_state(fd: int) -> None:
+        buf = bytearray(enc("get_state"))
+        got["tid"] = threading.get_native_id()
+        got["ret"] = fcntl.ioctl(fd, GS, buf)
+
+    def pump() -> None:
+        if "fd" not in got or "first" in got:
+            return real_pump()
+        last = records(out)[-1].get("seq", 0)  # the records being flushed are numbered, not yet written
+        unwritten = last < dev.tracer.seq
+        t = threading.Thread(target=get_state, args=(got["fd"],))
+        t.start()
+        fds = [serve.__self__.fd for serve in dev.pumps]  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while t.is_alive() and time.monotonic() < deadline:  # CUSE: a retry round is another request
+            select.select(fds, [], [], 0.1)
+            real_pump()
+            t.join(0.001)
+        got["first"] = (not t.is_alive(), unwritten, records(out)[-1].get("seq", 0) == last)
+        done.set()
+
+    dev.pump = pump  # type: ignore[method-assign]
+
+    def client() -> None:
+        fd = got["fd"] = os.open(path, os.O_RDWR)
+        try:
+            mfd = os.memfd_create("pump")
+            os.pwrite(mfd, b"x" * 8192, 0)
+            p = bytearray(enc("fd_preserve", fd=mfd, token=7))
+            assert fcntl.ioctl(fd, U.LIVEUPDATE_IOCTL_FD_PRESERVE, p) == 0
+            os.close(mfd)
+            assert done.wait(60)  # the flush after the open or the preserve pumped
+        finally:
+            os.close(fd)
+
+    async def main() -> None:
+        T.start(dev, str(out))
+        try:
+            async with Server(path, transport_name, handler=dev, sysfs=None):
+                await asyncio.to_thread(client)
+                await asyncio.sleep(0)
+        finally:
+            T.stop(dev)
+
+    try:
+        asyncio.run(main())
+    finally:
+        force_cleanup(path)
+    assert got["first"] == (True, True, True) and got["ret"] == 0
+    recs = records(out)
+    assert [r["seq"] for r in recs[1:]] == list(range(1, len(recs)))
+    kinds = [(r["type"], r.get("name")) for r in recs[1:]]
+    gs = next(i for i, r in enumerate(recs[1:]) if r.get("tid") == got["tid"])
+    assert kinds[gs] == ("ioctl", "LIVEUPDATE_IOCTL_GET_STATE") and recs[1 + gs]["ret"] == 0
+    assert kinds[0] == ("open", None) and gs > 0
+    assert sorted(kinds) == sorted([("open", None), ("ioctl", "LIVEUPDATE_IOCTL_GET_STATE"),
+                                    ("ioctl", "LIVEUPDATE_IOCTL_FD_PRESERVE"), ("release", None)])
+    pres = next(r for r in recs if r.get("name") == "LIVEUPDATE_IOCTL_FD_PRESERVE")
+    assert pres["file"]["kind"] == "shmem" and pres["file"]["size"] == 8192

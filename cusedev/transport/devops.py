@@ -15,7 +15,7 @@ from typing import Any
 from .. import uapi
 from ..device import Caller, CallerMemory, DeviceHandler
 from ..memory import ProcessVmMemory
-from ..wire import IN_HEADER, OUT_HEADER, Operations, Request
+from ..wire import IN_HEADER, OUT_HEADER, Operations, Request, Session
 
 OPEN_IN = uapi.codec("struct fuse_open_in")
 OPEN_OUT = uapi.codec("struct fuse_open_out")
@@ -57,6 +57,16 @@ class DeviceOps(Operations):
         cls = type(self)
         if cls.memory_for is not DeviceOps.memory_for or cls.ioctl_reply is not DeviceOps.ioctl_reply:
             self.raw_ioctl = None  # type: ignore[assignment]
+
+    def started(self, session: Session) -> None:
+        pumps = getattr(self.handler, "pumps", None)  # LiveUpdateDevice: see its ``pump``
+        if pumps is not None:
+            pumps.append(session.serve_queued)
+
+    def stopped(self, session: Session) -> None:
+        pumps = getattr(self.handler, "pumps", None)
+        if pumps is not None and session.serve_queued in pumps:
+            pumps.remove(session.serve_queued)
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
