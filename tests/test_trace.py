@@ -361,3 +361,53 @@ def test_flush_answers_queued_requests_before_writing(public_dir: Path, transpor
                                     ("ioctl", "LIVEUPDATE_IOCTL_FD_PRESERVE"), ("release", None)])
     pres = next(r for r in recs if r.get("name") == "LIVEUPDATE_IOCTL_FD_PRESERVE")
     assert pres["file"]["kind"] == "shmem" and pres["file"]["size"] == 8192
+
+
+def test_replay_restores_under_cusedev_run(public_dir: Path, tmp_path: Path, transport_name: str) -> None:
+    """A VMM's cycle recorded and replayed under `cusedev run` (FD_RESTORE installs fds only there):
+    restored contents are checked, for a file whose contents are in the trace and for one over
+    CONTENT_LIMIT (digest only, replayed with a stand-in of the same size)."""
+    prog = str(REPO / "tests/progs/luo_script.py")
+    trace = tmp_path / "vmm.jsonl"
+
+    def run(device: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cusedev.cli", "run", "--device", device, "--", *argv],
+                              capture_output=True, text=True, env=ENV, cwd=str(REPO), timeout=300)
+
+    with ServerProc(str(public_dir / "rec"), transport_name, "--trace", str(trace)) as srv:
+        srv.start()
+        stage1 = [["open", srv.device], ["memfd", 1, 12345, 1, 0], ["memfd", 2, 300_000, 2, 0], ["prepare"],
+                  ["reboot", "kexec"]]
+        p = run(srv.device, sys.executable, prog, json.dumps(stage1))
+        assert "live update" in p.stderr, p.stdout + p.stderr
+        stage2 = [["open", srv.device], ["restore", 1], ["restore", 2], ["finish"]]
+        p = run(srv.device, sys.executable, prog, json.dumps(stage2))
+        out = [json.loads(line) for line in p.stdout.splitlines()]
+        assert p.returncode == 0 and [o.get("size") for o in out[1:3]] == [12345, 300_000], p.stdout + p.stderr
+        wait_for(lambda: sum(r["type"] == "release" for r in records(trace)) == 2)
+    files = [r["file"] for r in records(trace) if r.get("name") == "LIVEUPDATE_IOCTL_FD_PRESERVE"]
+    assert ["data" in f for f in files] == [True, False] and all("sha256" in f for f in files)
+    with ServerProc(str(public_dir / "rep"), transport_name) as srv:
+        srv.start()
+        # two stages, as a VMM's two instances: a live update ends the processes of `cusedev run`
+        replay = [sys.executable, "-m", "cusedev.cli", "trace", "replay", str(trace), "--device", srv.device]
+        p1 = subprocess.Popen([sys.executable, "-m", "cusedev.cli", "run", "--device", srv.device, "--", *replay,
+                               "--stop-at-kexec"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV, cwd=str(REPO))
+        try:
+            assert p1.stdout is not None
+            out = ""
+            while "reached the kexec" not in out:
+                line = p1.stdout.readline()
+                assert line, out + (p1.stderr.read() if p1.stderr else "")
+                out += line
+            cli("kexec", "--device", srv.device, check=True)
+            p1.wait(60)
+        finally:
+            if p1.poll() is None:
+                p1.kill()
+                p1.wait()
+        assert "diverge" not in out, out
+        r = run(srv.device, *replay, "--after-kexec")
+        assert r.returncode == 0 and " 0 divergences" in r.stdout, r.stdout + r.stderr
+        assert r.stdout.count("LIVEUPDATE_IOCTL_FD_RESTORE") == 2, r.stdout
