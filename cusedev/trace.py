@@ -12,7 +12,9 @@ Only the FD_PRESERVE record does real work at call time: it keeps a dup of
 the preserved file (the caller may close its fd right after the call), which
 the flush describes — size, digest and, for small files, the contents that
 replay needs to stand in a memfd.  A flush that took a while lets requests
-queued meanwhile go first (``LiveUpdateDevice.pump``) before it writes.
+queued meanwhile go first (``LiveUpdateDevice.pump``) before it writes.  A file
+over CONTENT_LIMIT is hashed in a thread (~0.6 ms per MiB: a guest's RAM would
+stall the device); its record keeps its place and the ones behind it wait.
 
 On CUSE with retry memory a call can take several rounds (``NeedRetry``);
 it is recorded once, at the final round.  When the kernel cannot copy a
@@ -36,7 +38,9 @@ import stat
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from . import __version__, pidfd, uapi
@@ -47,7 +51,7 @@ from .files import TMPFS_MAGIC, fs_type
 
 FORMAT_VERSION = 1
 CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
-DIGEST_LIMIT = 256 << 20  # bytes hashed at most (the loop must not stall on a guest's RAM)
+DIGEST_LIMIT = 256 << 20  # bytes hashed at most (~0.6 ms per MiB, in the digest thread)
 TAIL_LIMIT = 1 << 20
 PUMP_AFTER_NS = 10_000  # a flush whose formatting took longer lets queued requests go first
 
@@ -126,16 +130,18 @@ def grab_file(tid: int, fd: int) -> int | dict[str, Any]:
         return {"kind": "none"}
 
 
-def describe_file(ours: int | dict[str, Any], preserved: bool = False) -> dict[str, Any]:
+def describe_file(ours: int | dict[str, Any], preserved: bool = False,
+                  st: os.stat_result | None = None) -> dict[str, Any]:
     """What FD_PRESERVE's fd was: kind, size, digest (and small contents) for replay; closes ``ours``.
     ``preserved``: ``ours`` is a dup of the emulator's own reference, which the core has already
-    probed as a shmem file (two syscalls fewer)."""
+    probed as a shmem file (two syscalls fewer); ``st``: its fstat, when the caller has it."""
     if isinstance(ours, dict):
         return ours
     try:
         if not preserved and fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
             return {"kind": "opath"}
-        st = os.fstat(ours)
+        if st is None:
+            st = os.fstat(ours)
         shmem = preserved or (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(ours) == TMPFS_MAGIC)
         info: dict[str, Any] = {"kind": "shmem" if shmem else "other", "ino": st.st_ino, "dev": st.st_dev}
         if not shmem:
@@ -165,13 +171,26 @@ def describe_file(ours: int | dict[str, Any], preserved: bool = False) -> dict[s
         os.close(ours)
 
 
-def file_json(file: tuple[int | dict[str, Any], bool]) -> str:
-    """``describe_file(*file)`` as JSON text; the base64 contents are spliced in as they are (the
+def file_json(file: tuple[int | dict[str, Any], bool], st: os.stat_result | None = None) -> str:
+    """``describe_file(*file, st)`` as JSON text; the base64 contents are spliced in as they are (the
     encoder would scan every character of a string that never needs escaping: 3 µs per KiB)."""
-    info = describe_file(*file)
+    info = describe_file(*file, st)
     data = info.pop("data", None)
     text = _encode(info)
     return text if data is None else f'{text[:-1]},"data":"{data}"}}'
+
+
+class _Held:
+    """An ioctl record waiting for its file's digest, computed off the loop: its place in the
+    file is kept, and the records behind it wait with it."""
+
+    __slots__ = ("head", "future", "tail")
+
+    def __init__(self, head: str, future: Future[str], tail: str):
+        self.head, self.future, self.tail = head, future, tail
+
+    def text(self) -> str:
+        return self.head + self.future.result() + self.tail
 
 
 class Seen:
@@ -230,8 +249,10 @@ class Tracer:
         os.fchmod(fd, 0o600)
         self.fd = fd
         self.seq = 0
-        self._queue: list[tuple[Callable[..., str], tuple]] = []
+        self._queue: list[tuple[Callable[..., str | _Held], tuple]] = []
         self._scheduled = False
+        self._lines: deque[str | _Held] = deque()  # formatted, not yet written (behind a digest)
+        self._digests: ThreadPoolExecutor | None = None
         self._procs: dict[int, tuple[int, str, str]] = {}  # tid -> (pid, comm, JSON fragment)
         self.pending: dict[int, tuple] = {}
         self._fault: dict[str, Any] | None = None
@@ -252,7 +273,7 @@ class Tracer:
         if self.fd >= 0 and data:
             os.write(self.fd, data)
 
-    def _push(self, fmt: Callable[..., str], *args: Any) -> None:
+    def _push(self, fmt: Callable[..., str | _Held], *args: Any) -> None:
         self._queue.append((fmt, args))
         if not self._scheduled:
             loop = _get_loop()
@@ -263,10 +284,24 @@ class Tracer:
             loop.call_soon(self._flush_soon)
 
     def flush(self) -> None:
+        """Write everything recorded so far, waiting for digests being computed."""
         self._scheduled = False
         q, self._queue = self._queue, []
-        if q:
-            self._write(self._numbered(q))
+        self._lines.extend(self._numbered(q))
+        self._write_ready(wait=True)
+
+    def _write_ready(self, wait: bool = False) -> None:
+        """Write the formatted records up to the first one still waiting for its digest."""
+        lines, out = self._lines, []
+        while lines:
+            x = lines[0]
+            if isinstance(x, _Held):
+                if not wait and not x.future.done():
+                    break
+                x = x.text()
+            out.append(x)
+            lines.popleft()
+        self._write(out)
 
     def _flush_soon(self) -> None:
         """The loop's flush, just after the reply.  When formatting took a while (an FD_PRESERVE
@@ -278,12 +313,31 @@ class Tracer:
         if not q:
             return
         t0 = _mono()
-        lines = list(self._numbered(q))
+        self._lines.extend(self._numbered(q))
         if _mono() - t0 > PUMP_AFTER_NS:
             self.device.pump()
-        self._write(lines)
+        self._write_ready()
 
-    def _numbered(self, q: list[tuple[Callable[..., str], tuple]]) -> Iterator[str]:
+    def _file_json(self, file: tuple[int | dict[str, Any], bool]) -> str | Future[str]:
+        """``file_json(file)``, or its future when the file is too big to hash on the loop (over
+        CONTENT_LIMIT: hashing runs at ~0.6 ms per MiB, and hashlib and pread let the loop run)."""
+        ours = file[0]
+        loop = _get_loop()
+        if loop is None or isinstance(ours, dict):
+            return file_json(file)
+        try:
+            st = os.fstat(ours)
+        except OSError:
+            return file_json(file)
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= CONTENT_LIMIT:
+            return file_json(file, st)
+        if self._digests is None:  # one thread: digests finish in record order
+            self._digests = ThreadPoolExecutor(1, thread_name_prefix="cusedev-trace-digest")
+        fut = self._digests.submit(file_json, file, st)
+        fut.add_done_callback(lambda _f: _call_soon_threadsafe(loop, self._write_ready))
+        return fut
+
+    def _numbered(self, q: list[tuple[Callable[..., str | _Held], tuple]]) -> Iterator[str | _Held]:
         """Records in queue order, which is event order: sequence numbers are given here, not per call."""
         for fmt, args in q:
             self.seq += 1
@@ -294,6 +348,9 @@ class Tracer:
         for tid in list(self.pending):
             self._finish_pending(self.pending.pop(tid))
         self.flush()
+        if self._digests is not None:
+            self._digests.shutdown()
+            self._digests = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -473,7 +530,7 @@ class Tracer:
 
     def _fmt_ioctl(self, seq: int, wall: float, mono: int, tid: int, fh: int, cmd: int, arg: int,
                    ops: Any, seen: Seen, err: int, before: Any, after: Any, dur: int, extra: dict | None,
-                   inj: dict | None) -> str:
+                   inj: dict | None) -> str | _Held:
         """The ioctl record, built as text (the hot record: a dict plus json would cost twice as much);
         keys in the order of the README's schema."""
         op, size, data = seen.seen(ops, cmd)
@@ -496,15 +553,30 @@ class Tracer:
             line += f',"err":"{errname(err)}"'
         line += (f',"state_before":"{_LABELS[before]}","state_after":"{_LABELS[after]}",'
                  f'"dur_us":{round(dur / 1000, 1)!r}')
+        held = None
         if extra:
             for k, v in extra.items():
-                line += f',"{k}":{file_json(v) if k == "file" else _encode(v)}'
+                if k != "file":
+                    line += f',"{k}":{_encode(v)}'
+                    continue
+                fj = self._file_json(v)
+                if isinstance(fj, str):
+                    line += ',"file":' + fj
+                else:
+                    held, line = (line + ',"file":', fj), ""
         if inj:
             line += ',"injected":' + _encode(inj)
-        return line + "}"
+        return line + "}" if held is None else _Held(held[0], held[1], line + "}")
 
 
 # -- installing -----------------------------------------------------------------------------------------
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop is closed: close() writes what is left
+        pass
+
+
 def intercept(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> Any:
     """The device's interceptor while tracing or injecting: injection first, then the traced call."""
     inj = dev.injector

@@ -411,3 +411,70 @@ def test_replay_restores_under_cusedev_run(public_dir: Path, tmp_path: Path, tra
         r = run(srv.device, *replay, "--after-kexec")
         assert r.returncode == 0 and " 0 divergences" in r.stdout, r.stdout + r.stderr
         assert r.stdout.count("LIVEUPDATE_IOCTL_FD_RESTORE") == 2, r.stdout
+
+
+def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preserved file over CONTENT_LIMIT is hashed in the digest thread: the device keeps
+    answering meanwhile, and its record keeps its place, the records behind it waiting with it.
+    The digest is held here until the client has been answered again."""
+    import asyncio
+    import fcntl
+    import hashlib
+    import threading
+
+    from cusedev import trace as T
+    from cusedev.handles import LiveUpdateDevice
+    from cusedev.server import Server
+
+    release = threading.Event()
+    real = T.file_json
+
+    def held_file_json(file, st=None):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("cusedev-trace-digest"):
+            assert release.wait(60)
+        return real(file, st)
+
+    monkeypatch.setattr(T, "file_json", held_file_json)
+    path, out = str(public_dir / "digest"), tmp_path / "digest.jsonl"
+    dev = LiveUpdateDevice()
+    contents = bytes((i * 7 + 3) & 0xFF for i in range(256)) * 4096  # 1 MiB
+    got: dict = {}
+
+    def client() -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mfd = os.memfd_create("big")
+            os.write(mfd, contents)
+            p = bytearray(enc("fd_preserve", fd=mfd, token=9))
+            assert fcntl.ioctl(fd, U.LIVEUPDATE_IOCTL_FD_PRESERVE, p) == 0
+            os.close(mfd)
+            buf = bytearray(enc("get_state"))
+            assert fcntl.ioctl(fd, GS, buf) == 0  # answered while the digest is held
+            got["held"] = [r.get("name", r["type"]) for r in records(out)]  # ("open": maybe not yet)
+            release.set()
+            wait_for(lambda: any(r.get("name") == "LIVEUPDATE_IOCTL_GET_STATE" for r in records(out)))
+        finally:
+            release.set()
+            os.close(fd)
+
+    async def main() -> None:
+        T.start(dev, str(out))
+        try:
+            async with Server(path, transport_name, handler=dev, sysfs=None):
+                await asyncio.to_thread(client)
+        finally:
+            T.stop(dev)
+
+    try:
+        asyncio.run(main())
+    finally:
+        force_cleanup(path)
+    assert got["held"] in (["header"], ["header", "open"])
+    recs = records(out)
+    assert [r["seq"] for r in recs[1:]] == list(range(1, len(recs)))
+    assert [r.get("name", r["type"]) for r in recs[1:]] == [
+        "open", "LIVEUPDATE_IOCTL_FD_PRESERVE", "LIVEUPDATE_IOCTL_GET_STATE", "release"]
+    f = recs[2]["file"]
+    assert f["kind"] == "shmem" and f["size"] == len(contents) and "data" not in f
+    assert f["sha256"] == hashlib.sha256(contents).hexdigest()
