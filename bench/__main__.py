@@ -61,12 +61,6 @@ def set_affinity(pid: int, cpus: list[int]) -> None:
             pass
 
 
-def last_cpu(pid: int) -> int:
-    """The CPU ``pid``'s main thread last ran on (read once a client is done: no sampling during a run)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[36])
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -205,9 +199,9 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             for name, (pid, dev) in servers.items():
                 set_affinity(pid, server_cpus)
                 for op in OPS:
-                    res = run_client(client, "lat", dev, op, n[op], cpus=client_cpus)
-                    # together: the client ran (mostly) on the CPU the server last ran on
-                    res["together"] = res["cpu"] == last_cpu(pid) and res["cpu_share"] >= 0.9
+                    res = run_client(client, "lat", dev, op, n[op], pid, cpus=client_cpus)
+                    # together: the client ran (mostly) on the CPU the server answered its last calls on
+                    res["together"] = res["cpu"] == res["server_cpu"] and res["cpu_share"] >= 0.9
                     raw.setdefault(placement, {}).setdefault(name, {}).setdefault(op, []).append(res)
             log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
                 f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))

@@ -8,7 +8,8 @@
  *                              (after N/10 warm-up).  preserve = FD_PRESERVE +
  *                              FD_UNPRESERVE of one memfd, event = SET_EVENT
  *                              PREPARE + CANCEL; latency is per iteration; also
- *                              the CPU the client ran most iterations on.
+ *                              the CPU the client ran most iterations on, and
+ *                              (client lat DEV OP N PID) the one server PID last ran on.
  *   client loop DEV N          N GET_STATE calls, no per-call samples (RSS runs).
  *   client hold DEV COUNT KIB  preserve COUNT memfds of KIB KiB each (pages
  *                              allocated), PREPARE, print timings, then wait
@@ -115,7 +116,27 @@ static int make_memfd(size_t bytes)
 	return fd;
 }
 
-static int mode_lat(const char *path, const char *op, long n)
+/* The CPU thread `pid` last ran on (field 39 of /proc/PID/stat), -1 if unknown. */
+static int last_cpu(long pid)
+{
+	char buf[1024], name[64];
+	snprintf(name, sizeof(name), "/proc/%ld/stat", pid);
+	FILE *f = fopen(name, "r");
+	if (!f)
+		return -1;
+	size_t len = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[len] = 0;
+	char *p = strrchr(buf, ')');
+	int field = 2;
+	while (p && field < 39) {
+		p = strchr(p + 1, ' ');
+		field++;
+	}
+	return p ? atoi(p + 1) : -1;
+}
+
+static int mode_lat(const char *path, const char *op, long n, long server_pid)
 {
 	int dev = open_dev(path);
 	int kind = !strcmp(op, "get_state") ? 0 : !strcmp(op, "preserve") ? 1 : !strcmp(op, "event") ? 2 : -1;
@@ -155,6 +176,8 @@ static int mode_lat(const char *path, const char *op, long n)
 		}
 	}
 	double total = now() - t_start;
+	/* read before closing the device: where the server answered the last calls */
+	int server_cpu = server_pid > 0 ? last_cpu(server_pid) : -1;
 	int cpu = 0;
 	for (int c = 1; c < MAX_CPUS; c++)
 		if (on_cpu[c] > on_cpu[cpu])
@@ -163,9 +186,9 @@ static int mode_lat(const char *path, const char *op, long n)
 	int per = kind == 0 ? 1 : 2;
 	printf("{\"op\": \"%s\", \"n\": %ld, \"ioctls_per_iter\": %d, \"median_us\": %.2f, "
 	       "\"p99_us\": %.2f, \"min_us\": %.2f, \"ioctls_per_s\": %.0f, \"seconds\": %.3f, "
-	       "\"cpu\": %d, \"cpu_share\": %.3f}\n",
+	       "\"cpu\": %d, \"cpu_share\": %.3f, \"server_cpu\": %d}\n",
 	       op, n, per, s[n / 2] * 1e6, s[(long)(n * 0.99)] * 1e6, s[0] * 1e6, n * per / total, total,
-	       cpu, (double)on_cpu[cpu] / n);
+	       cpu, (double)on_cpu[cpu] / n, server_cpu);
 	return 0;
 }
 
@@ -232,7 +255,7 @@ int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 5 && !strcmp(argv[1], "lat"))
-		return mode_lat(argv[2], argv[3], atol(argv[4]));
+		return mode_lat(argv[2], argv[3], atol(argv[4]), argc >= 6 ? atol(argv[5]) : 0);
 	if (argc >= 4 && !strcmp(argv[1], "loop"))
 		return mode_loop(argv[2], atol(argv[3]));
 	if (argc >= 5 && !strcmp(argv[1], "hold"))

@@ -15,7 +15,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _server import REPO, ServerProc, force_cleanup, public_dir, served_device  # noqa: F401  (fixtures)
@@ -280,20 +282,39 @@ def test_replay_across_kexec(public_dir: Path, tmp_path: Path, transport_name: s
         assert "LIVEUPDATE_IOCTL_FD_PRESERVE" not in r.stdout
 
 
+def traced_in_process(dev: Any, path: str, out: Path, transport_name: str, client: Callable[[], None]) -> None:
+    """Serve ``dev`` in this process (the Python API), tracing to ``out``, while ``client`` runs in a thread."""
+    import asyncio
+
+    from cusedev import trace as T
+    from cusedev.server import Server
+
+    async def main() -> None:
+        T.start(dev, str(out))
+        try:
+            async with Server(path, transport_name, handler=dev, sysfs=None):
+                await asyncio.to_thread(client)
+        finally:
+            T.stop(dev)
+
+    try:
+        asyncio.run(main())
+    finally:
+        force_cleanup(path)
+
+
 def test_flush_answers_queued_requests_before_writing(public_dir: Path, transport_name: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A flush that took a while (an FD_PRESERVE record describes the file) answers the requests
     queued meanwhile before it writes (``LiveUpdateDevice.pump``), and the trace keeps event
     order.  Forced for every flush here; at the first one a second client thread's GET_STATE is
     queued, and must be answered while the flushed records are not yet in the file."""
-    import asyncio
     import fcntl
     import select
     import threading
 
     from cusedev import trace as T
     from cusedev.handles import LiveUpdateDevice
-    from cusedev.server import Server
 
     monkeypatch.setattr(T, "PUMP_AFTER_NS", -1)
     path, out = str(public_dir / "pump"), tmp_path / "pump.jsonl"
@@ -337,19 +358,7 @@ def test_flush_answers_queued_requests_before_writing(public_dir: Path, transpor
         finally:
             os.close(fd)
 
-    async def main() -> None:
-        T.start(dev, str(out))
-        try:
-            async with Server(path, transport_name, handler=dev, sysfs=None):
-                await asyncio.to_thread(client)
-                await asyncio.sleep(0)
-        finally:
-            T.stop(dev)
-
-    try:
-        asyncio.run(main())
-    finally:
-        force_cleanup(path)
+    traced_in_process(dev, path, out, transport_name, client)
     assert got["first"] == (True, True, True) and got["ret"] == 0
     recs = records(out)
     assert [r["seq"] for r in recs[1:]] == list(range(1, len(recs)))
@@ -418,14 +427,12 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
     """A preserved file over CONTENT_LIMIT is hashed in the digest thread: the device keeps
     answering meanwhile, and its record keeps its place, the records behind it waiting with it.
     The digest is held here until the client has been answered again."""
-    import asyncio
     import fcntl
     import hashlib
     import threading
 
     from cusedev import trace as T
     from cusedev.handles import LiveUpdateDevice
-    from cusedev.server import Server
 
     release = threading.Event()
     real = T.file_json
@@ -458,18 +465,7 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
             release.set()
             os.close(fd)
 
-    async def main() -> None:
-        T.start(dev, str(out))
-        try:
-            async with Server(path, transport_name, handler=dev, sysfs=None):
-                await asyncio.to_thread(client)
-        finally:
-            T.stop(dev)
-
-    try:
-        asyncio.run(main())
-    finally:
-        force_cleanup(path)
+    traced_in_process(dev, path, out, transport_name, client)
     assert got["held"] in (["header"], ["header", "open"])
     recs = records(out)
     assert [r["seq"] for r in recs[1:]] == list(range(1, len(recs)))
