@@ -197,7 +197,7 @@ class LiveUpdateDevice:
         """Answer the requests already queued on every transport, without blocking: called by
         work that runs between requests and may take a while (the trace flush), so that a client
         on another CPU does not wait behind it.  On the loop's thread only."""
-        for serve in self.pumps:
+        for serve in tuple(self.pumps):  # a session that ends while serving leaves the list
             serve()
 
     def run_ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:

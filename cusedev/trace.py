@@ -190,7 +190,11 @@ class _Held:
         self.head, self.future, self.tail = head, future, tail
 
     def text(self) -> str:
-        return self.head + self.future.result() + self.tail
+        try:
+            file = self.future.result()
+        except Exception as e:  # noqa: BLE001 - the record is still written, and those behind it
+            file = _encode({"kind": "error", "error": repr(e)})
+        return self.head + file + self.tail
 
 
 class Seen:

@@ -422,11 +422,13 @@ def test_replay_restores_under_cusedev_run(public_dir: Path, tmp_path: Path, tra
         assert r.stdout.count("LIVEUPDATE_IOCTL_FD_RESTORE") == 2, r.stdout
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["digest", "digest-fails"])
 def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
     """A preserved file over CONTENT_LIMIT is hashed in the digest thread: the device keeps
     answering meanwhile, and its record keeps its place, the records behind it waiting with it.
-    The digest is held here until the client has been answered again."""
+    The digest is held here until the client has been answered again; if it fails, the record
+    says so and the trace goes on."""
     import fcntl
     import hashlib
     import threading
@@ -440,6 +442,9 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
     def held_file_json(file, st=None):  # type: ignore[no-untyped-def]
         if threading.current_thread().name.startswith("cusedev-trace-digest"):
             assert release.wait(60)
+            if fails:
+                os.close(file[0])
+                raise RuntimeError("digest")
         return real(file, st)
 
     monkeypatch.setattr(T, "file_json", held_file_json)
@@ -472,5 +477,8 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
     assert [r.get("name", r["type"]) for r in recs[1:]] == [
         "open", "LIVEUPDATE_IOCTL_FD_PRESERVE", "LIVEUPDATE_IOCTL_GET_STATE", "release"]
     f = recs[2]["file"]
+    if fails:
+        assert f == {"kind": "error", "error": "RuntimeError('digest')"}
+        return
     assert f["kind"] == "shmem" and f["size"] == len(contents) and "data" not in f
     assert f["sha256"] == hashlib.sha256(contents).hexdigest()
