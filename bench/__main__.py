@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,14 @@ def memory_growth(client: Path, transport: str, device: str, big: int) -> dict[s
 
 
 # -- report ------------------------------------------------------------------------------------
+def _rows(lat: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(placement, op, row) of the latency results, in table order."""
+    for placement in PLACEMENTS:
+        if placement in lat:
+            for op in OPS:
+                yield placement, op, lat[placement][op]
+
+
 def table(res: dict[str, Any]) -> str:
     lines = []
     lat = res["latency"]
@@ -281,19 +290,15 @@ def table(res: dict[str, Any]) -> str:
                  f"{'ratio':>6}" + (f" {'C+pvm med':>9} {'ratio':>6}" if pvm else "")
                  + (f" {'Py+pvm med':>10} {'ratio':>6}" if py else "")
                  + f" {'emu ioctl/s':>11} {'base ioctl/s':>12}" + (f" {'ref med µs':>10}" if ref else ""))
-    for placement in PLACEMENTS:
-        if placement not in lat:
-            continue
-        for op in OPS:
-            row = lat[placement][op]
-            e, b = row["emulator"], row["baseline"]
-            extra = (f" {row['baseline_pvm']['median_us']:>9.1f} {row['ratio_median_vs_pvm']:>5.2f}x" if pvm else "")
-            extra += (f" {row['python_pvm']['median_us']:>10.1f} {row['ratio_median_vs_python']:>5.2f}x"
-                      if py else "")
-            lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>9.1f} / {e['p99_us']:>8.1f} "
-                         f"{b['median_us']:>8.1f} / {b['p99_us']:>8.1f} {row['ratio_median']:>5.2f}x{extra} "
-                         f"{e['ioctls_per_s']:>11.0f} {b['ioctls_per_s']:>12.0f}"
-                         + (f" {row['emulator_ref']['median_us']:>10.1f}" if ref else ""))
+    for placement, op, row in _rows(lat):
+        e, b = row["emulator"], row["baseline"]
+        extra = (f" {row['baseline_pvm']['median_us']:>9.1f} {row['ratio_median_vs_pvm']:>5.2f}x" if pvm else "")
+        extra += (f" {row['python_pvm']['median_us']:>10.1f} {row['ratio_median_vs_python']:>5.2f}x"
+                  if py else "")
+        lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>9.1f} / {e['p99_us']:>8.1f} "
+                     f"{b['median_us']:>8.1f} / {b['p99_us']:>8.1f} {row['ratio_median']:>5.2f}x{extra} "
+                     f"{e['ioctls_per_s']:>11.0f} {b['ioctls_per_s']:>12.0f}"
+                     + (f" {row['emulator_ref']['median_us']:>10.1f}" if ref else ""))
     if "free" in lat:
         runs = len(lat["free"]["get_state"]["emulator"]["runs"])
         lines.append("free: runs with the client on the server's CPU (of " + str(runs) + "): " + ", ".join(
@@ -304,15 +309,11 @@ def table(res: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{'placement':<8} {'ioctl':<26} {'untraced med µs':>15} {'traced med µs':>13} {'growth':>7} "
                      f"{'one CPU (runs): untraced':>24} {'traced':>6}")
-        for placement in PLACEMENTS:
-            if placement not in lat:
-                continue
-            for op in OPS:
-                row = lat[placement][op]
-                e, t = row["emulator"], row["emulator_traced"]
-                lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>15.1f} "
-                             f"{t['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}% "
-                             f"{e['together_runs']:>22}/{len(e['runs'])} {t['together_runs']:>4}/{len(t['runs'])}")
+        for placement, op, row in _rows(lat):
+            e, t = row["emulator"], row["emulator_traced"]
+            lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>15.1f} "
+                         f"{t['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}% "
+                         f"{e['together_runs']:>22}/{len(e['runs'])} {t['together_runs']:>4}/{len(t['runs'])}")
     if res.get("kexec"):
         lines.append("")
         lines.append(f"{'preserved':<18} {'preserve ms':>11} {'prepare ms':>10} {'kexec ms':>9} {'restore ms':>10} "

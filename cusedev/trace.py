@@ -289,13 +289,29 @@ class Tracer:
 
     def flush(self) -> None:
         """Write everything recorded so far, waiting for digests being computed."""
+        self._drain(wait=True)
+
+    def _flush_soon(self) -> None:
+        """The loop's flush, just after the reply.  When formatting took a while (an FD_PRESERVE
+        record describes the file: digest, contents), requests that arrived meanwhile are answered
+        before the write: a client on another CPU sends its next ioctl ~10-20 µs after a reply,
+        and would otherwise wait for the rest of the flush.  Their records queue behind these."""
+        self._drain(pump=True)
+
+    def _drain(self, wait: bool = False, pump: bool = False) -> None:
+        """Format the queued records (numbering them) and write those not waiting for a digest."""
         self._scheduled = False
         q, self._queue = self._queue, []
-        self._lines.extend(self._numbered(q))
-        self._write_ready(wait=True)
+        if q:
+            t0 = _mono()
+            self._lines.extend(self._numbered(q))
+            if pump and _mono() - t0 > PUMP_AFTER_NS:
+                self.device.pump()
+        self._write_ready(wait)
 
     def _write_ready(self, wait: bool = False) -> None:
-        """Write the formatted records up to the first one still waiting for its digest."""
+        """Write the formatted records up to the first one still waiting for its digest (``wait``:
+        wait for the digests instead)."""
         lines, out = self._lines, []
         while lines:
             x = lines[0]
@@ -306,21 +322,6 @@ class Tracer:
             out.append(x)
             lines.popleft()
         self._write(out)
-
-    def _flush_soon(self) -> None:
-        """The loop's flush, just after the reply.  When formatting took a while (an FD_PRESERVE
-        record describes the file: digest, contents), requests that arrived meanwhile are answered
-        before the write: a client on another CPU sends its next ioctl ~10-20 µs after a reply,
-        and would otherwise wait for the rest of the flush.  Their records queue behind these."""
-        self._scheduled = False
-        q, self._queue = self._queue, []
-        if not q:
-            return
-        t0 = _mono()
-        self._lines.extend(self._numbered(q))
-        if _mono() - t0 > PUMP_AFTER_NS:
-            self.device.pump()
-        self._write_ready()
 
     def _file_json(self, file: tuple[int | dict[str, Any], bool]) -> str | Future[str]:
         """``file_json(file)``, or its future when the file is too big to hash on the loop (over
