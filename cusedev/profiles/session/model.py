@@ -15,7 +15,7 @@ import errno
 import os
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 NAME_LENGTH = 64
 
@@ -135,11 +135,12 @@ class SessionModel:
     update_count: int = 0
     #: fault injection: may raise OSError (ENOMEM) at "create", "preserve", "retrieve_fd"
     fault: Callable[[str], None] = _no_fault
-    listeners: list[Callable[[], None]] = field(default_factory=list)
+    #: told ``(None, None)`` after every change (the session ABI has no global state to pass)
+    listeners: list[Callable[[Any, Any], None]] = field(default_factory=list)
 
     def changed(self) -> None:
         for cb in self.listeners:
-            cb()
+            cb(None, None)
 
     # -- /dev/liveupdate -------------------------------------------------------------------------
     def check_create(self, raw: bytes) -> bytes:
@@ -277,7 +278,7 @@ class SessionModel:
                 f.obj.freeze()
         return carried
 
-    def kexec(self) -> list[Session]:
+    def kexec(self) -> bool:
         """The live update: carry the outgoing sessions not yet released, drop everything else.
 
         The old ``Session`` objects are marked gone *before* anything is
@@ -303,7 +304,7 @@ class SessionModel:
         self.objects = {}
         self.update_count += 1
         self.changed()
-        return list(self.incoming.values())
+        return True  # every kexec of a live-update kernel is a live update (spec 8)
 
     # -- views -----------------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:

@@ -1,0 +1,185 @@
+"""The session ABI's ioctl tables and handlers (spec luo-session.md sections 3-5).
+
+Two kinds of open file: the device (``CREATE_SESSION``, ``RETRIEVE_SESSION``;
+base 0) and a session fd (base 0x40: ``PRESERVE_FD``, ``RETRIEVE_FD``,
+``FINISH``, and ``GET_NAME`` on 7.2), each a table of ``Op`` rows built from
+``cdefs/luo_session.h``.  Handlers run the kernel's checks in its order
+against the pure model; the three fd-returning commands reserve the caller's
+fd first (EMFILE), make every check, and only then need `cusedev run` (or
+fail with EOPNOTSUPP).  A new session fd is an open file of the emulator's own
+node, of kind ``"session"``, bound to its LUO session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from ...device.dispatch import Op
+from ...libc import fail
+from . import uapi
+from .memfd import PreservedMemfd
+from .model import Rules, Session, SessionModel
+
+Out = Mapping[str, Any] | None
+
+
+def _row(c: uapi.Command, handler: Callable[..., Any], outputs: tuple[str, ...] = ()) -> Op:
+    fields = dict(uapi.ffi.typeof(c.ctype).fields)
+    outs = {}
+    for f in outputs:
+        ftp = fields[f].type
+        fmt = f"={ftp.length}s" if ftp.kind == "array" else "=i"
+        outs[f] = (fields[f].offset, struct.Struct(fmt))
+    return Op(
+        nr=c.nr,
+        cmd=c.cmd,
+        name=c.name,
+        ctype=c.ctype,
+        size=c.size,
+        min_size=c.min_size,
+        unpack=c.struct.unpack,
+        names=c.fields,
+        outputs=outs,
+        handler=handler,
+    )
+
+
+def _model(file: Any) -> SessionModel:
+    m: SessionModel = file.model
+    return m
+
+
+def _session(file: Any) -> Session:
+    s: Session = file.bound
+    if s.gone:  # its machine was rebooted under it (kexec): the file is revoked
+        raise fail(errno.ENODEV)
+    return s
+
+
+def _reserve(file: Any, caller: Any) -> Any:
+    """Step 1 of every fd-returning command: the caller's fd slot (EMFILE), or None outside `cusedev run`."""
+    inst = file.device.installer_for(caller)
+    if inst is not None:
+        inst.reserve(caller)
+    return inst
+
+
+def _need_run(file: Any, inst: Any, what: str) -> Any:
+    """After every check: an fd can only be installed under `cusedev run`."""
+    if inst is None:
+        file.device.warn_no_installer(what)
+        raise fail(errno.EOPNOTSUPP)
+    return inst
+
+
+async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None]) -> Out:
+    """Open our own node as a session file bound to ``s``, install it in the caller, close our copy."""
+    try:
+        ours = await file.device.open_own("session", s)
+    except BaseException:
+        undo()
+        raise
+    try:
+        newfd = inst.install(caller, ours)
+    except BaseException:
+        os.close(ours)  # our copy was the only reference: its release undoes the session
+        raise
+    os.close(ours)
+    return {"fd": newfd}
+
+
+# -- /dev/liveupdate ---------------------------------------------------------------------------------
+def create_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
+    _size, _fd, name = v
+    m = _model(file)
+    inst = _reserve(file, caller)
+    m.check_create(name)
+    inst = _need_run(file, inst, "CREATE_SESSION")
+    s = m.create(name)
+    return _hand_out(file, caller, inst, s, lambda: m.release(s))
+
+
+def retrieve_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
+    _size, _fd, name = v
+    m = _model(file)
+    inst = _reserve(file, caller)
+    m.find_incoming(name)
+    inst = _need_run(file, inst, "RETRIEVE_SESSION")
+    s = m.retrieve(name)
+
+    def undo() -> None:
+        s.retrieved = False
+
+    return _hand_out(file, caller, inst, s, undo)
+
+
+# -- a session fd ------------------------------------------------------------------------------------
+def preserve_fd(file: Any, caller: Any, v: tuple) -> None:
+    _size, fd, token = v
+    _model(file).preserve(_session(file), token, lambda: PreservedMemfd(file.device.take_fd(caller, fd)))
+
+
+def retrieve_fd(file: Any, caller: Any, v: tuple) -> Out:
+    _size, _fd, token = v
+    m, s = _model(file), _session(file)
+    inst = _reserve(file, caller)
+    m.find_file(s, token)
+    inst = _need_run(file, inst, "RETRIEVE_FD")
+    keep = m.rules.keep_seals
+    got = m.retrieve_fd(s, token, lambda obj: obj.rebuild(keep))  # type: ignore[attr-defined]
+    return {"fd": inst.install(caller, got.fd)}  # type: ignore[attr-defined]
+
+
+def finish(file: Any, caller: Any, v: tuple) -> None:
+    _size, reserved = v
+    _model(file).finish(_session(file), reserved)
+
+
+def strscpy_out(name: bytes, buf: bytes) -> bytes:
+    """strscpy(buf, name, 64) as x86_64 does it: whole words, the word holding the NUL zero-padded,
+    the bytes after that word left as the caller sent them (spec 5, GET_NAME)."""
+    n = len(name)
+    end = min(64, (n // 8) * 8 + 8)
+    return name + bytes(end - n) + buf[end:64]
+
+
+def get_name(file: Any, caller: Any, v: tuple) -> Out:
+    _size, reserved, buf = v
+    if reserved != 0:
+        raise fail(errno.EINVAL)
+    return {"name": strscpy_out(_session(file).name, buf)}
+
+
+DEVICE_OPS: tuple[Op, ...] = (
+    _row(uapi.CREATE_SESSION, create_session, ("fd",)),
+    _row(uapi.RETRIEVE_SESSION, retrieve_session, ("fd",)),
+)
+SESSION_OPS: tuple[Op, ...] = (
+    _row(uapi.PRESERVE_FD, preserve_fd),
+    _row(uapi.RETRIEVE_FD, retrieve_fd, ("fd",)),
+    _row(uapi.FINISH, finish),
+    _row(uapi.GET_NAME, get_name, ("name",)),
+)
+
+
+def session_ops(rules: Rules) -> tuple[Op, ...]:
+    """The session-fd table of a profile: N = 3 rows on 6.19 (GET_NAME is then EINVAL), 4 on 7.2."""
+    return SESSION_OPS[: rules.session_commands]
+
+
+def kind_check(file: Any, op: Op) -> None:
+    """7.2's luo_ioctl_type_valid: PRESERVE_FD on outgoing, RETRIEVE_FD and FINISH on incoming only."""
+    s: Session = file.bound
+    if op.cmd == uapi.PRESERVE_FD.cmd:
+        if s.incoming:
+            raise fail(errno.EINVAL)
+    elif op.cmd in (uapi.RETRIEVE_FD.cmd, uapi.FINISH.cmd) and not s.incoming:
+        raise fail(errno.EINVAL)
+
+
+#: the commands that give the caller a new fd: trapped under `cusedev run`
+FD_COMMANDS: tuple[int, ...] = (uapi.CREATE_SESSION.cmd, uapi.RETRIEVE_SESSION.cmd, uapi.RETRIEVE_FD.cmd)
