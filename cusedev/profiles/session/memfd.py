@@ -81,7 +81,7 @@ class PreservedMemfd:
             if keep_seals and want & F_SEAL_EXEC:
                 want |= _EXEC_IMPLIES
             have = seals_of(fd)
-            if have & ~want:  # 6.19 drops seals a sealed inode cannot shed: a new memfd of the same bytes
+            if have & ~want:  # seals the inode cannot shed (6.19 drops all, 7.2 those added later): a copy
                 fd = self._copy(fd)
                 have = seals_of(fd)
             if want & ~have:
@@ -97,8 +97,8 @@ class PreservedMemfd:
 
     @staticmethod
     def _copy(src: int) -> int:
-        """A new memfd with the same size and bytes (whole pages), only F_SEAL_SEAL as a fresh default memfd."""
-        dst = os.memfd_create("", os.MFD_CLOEXEC)
+        """A new memfd with the same size and bytes, open to sealing (the caller adds the profile's seals)."""
+        dst = os.memfd_create("", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             size = os.fstat(src).st_size
             os.ftruncate(dst, size)
