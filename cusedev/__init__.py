@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 __all__ = ["Emulator", "EmulatorError", "LiveUpdateDevice", "__version__"]
 
 if TYPE_CHECKING:
-    from .client import LiveUpdateDevice
-    from .emulator import Emulator, EmulatorError
+    from .profiles.v3.client import LiveUpdateDevice
+    from .testing.emulator import Emulator, EmulatorError
 
-_LAZY = {"Emulator": "emulator", "EmulatorError": "emulator", "LiveUpdateDevice": "client"}
+_LAZY = {"Emulator": "testing.emulator", "EmulatorError": "testing.emulator", "LiveUpdateDevice": "client"}
 
 
 def __getattr__(name: str) -> Any:

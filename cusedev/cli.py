@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 
 if TYPE_CHECKING:
-    from .device import DeviceHandler
+    from .device.seam import DeviceHandler
 
 
 class CliError(Exception):
@@ -83,7 +83,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import load_handler, print_ready, serve
+    from .control.server import load_handler, print_ready, serve
 
     uid, gid = _uid(args.owner), _gid(args.group)
     handler = load_handler(args.handler) if args.handler else None
@@ -97,12 +97,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _traced_handler(handler: DeviceHandler | None, trace_path: str | None, rules: list[str]) -> DeviceHandler:
     """The LUO device with its rules and trace set up before serving (bad rules fail here, not later)."""
-    from . import trace
-    from .handles import LiveUpdateDevice
-    from .inject import RuleError
+    from .device.openfiles import EmulatedDevice
+    from .tracing import record as trace
+    from .tracing.inject import RuleError
 
-    dev = handler if handler is not None else LiveUpdateDevice()
-    if not isinstance(dev, LiveUpdateDevice):
+    dev = handler if handler is not None else EmulatedDevice()
+    if not isinstance(dev, EmulatedDevice):
         raise CliError("--trace/--inject need the LUO device")
     try:
         for rule in rules:
@@ -123,7 +123,7 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _control(device: str, cmd: str, **args: object) -> dict:
-    from .control import ControlError, request
+    from .control.channel import ControlError, request
 
     try:
         return request(device, cmd, **args)
@@ -140,14 +140,14 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from .runtime import format_status
+    from . import profiles
 
     st = _control(args.device, "status")
     if args.json:
         st.pop("ok", None)
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
-        print(format_status(st))
+        print(profiles.get(st.get("abi", profiles.DEFAULT)).format_status(st))
     return 0
 
 
@@ -212,8 +212,8 @@ def _run_trace_stop(args: argparse.Namespace) -> int:
 
 
 def _run_trace_show(args: argparse.Namespace) -> int:
-    from . import trace
-    from .inject import RuleError, parse_cmd
+    from .tracing import record as trace
+    from .tracing.inject import RuleError, parse_cmd
 
     try:
         cmd = parse_cmd(args.cmd) if args.cmd else None
@@ -229,7 +229,7 @@ def _run_trace_show(args: argparse.Namespace) -> int:
 
 
 def _run_trace_replay(args: argparse.Namespace) -> int:
-    from .replay import ReplayError, replay
+    from .tracing.replay import ReplayError, replay
 
     try:
         return replay(args.file, args.device, stop_at_kexec=args.stop_at_kexec, after_kexec=args.after_kexec,
@@ -249,7 +249,7 @@ def _add_inject(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inject(args: argparse.Namespace) -> int:
-    from .inject import RuleError, parse_rule
+    from .tracing.inject import RuleError, parse_rule
 
     try:
         for rule in args.rules:
@@ -273,8 +273,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from .control import ControlError
-    from .runcmd import run_under
+    from .control.channel import ControlError
+    from .run.command import run_under
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="cusedev: %(levelname)s: %(message)s", stream=sys.stderr)
-    from .server import ServeError
+    from .control.server import ServeError
 
     try:
         return args.func(args)

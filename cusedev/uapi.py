@@ -1,4 +1,4 @@
-"""Kernel ABI of /dev/liveupdate (LUO v3) and of the FUSE/CUSE wire protocol.
+"""The generic cffi machinery: header loading, ``_IO`` macros, struct codecs; FUSE/CUSE and seccomp.
 
 The C declarations live in ``cdefs/*.h`` (package data ``cusedev.cdefs``) so that
 one text is both compiled by gcc in the layout tests and parsed here by cffi in
@@ -10,7 +10,8 @@ encoding a reply) goes through :class:`Codec`, a precompiled ``struct.Struct``
 derived from cffi's layout.
 
 Every enum member and every ``#define`` of the cdefs becomes a module-level
-``int`` (``uapi.FUSE_IOCTL``, ``uapi.LIVEUPDATE_STATE_NORMAL``, ...).
+``int`` (``uapi.FUSE_IOCTL``, ``uapi.SECCOMP_RET_ALLOW``, ...).  An ABI profile's own
+names (its command table, enum names) live in its folder under ``cusedev/profiles/``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ import cffi
 
 __all__ = [
     "CDEF_FILES",
-    "CMD_NAMES",
     "Codec",
     "CONSTANTS",
-    "EVENT_NAMES",
     "IOC",
     "IOC_DIR",
     "IOC_NONE",
@@ -41,15 +40,9 @@ __all__ = [
     "IOC_TYPE",
     "IOC_WRITE",
     "IO",
-    "IOCTL_NAMES",
-    "IOCTL_STRUCTS",
     "IOR",
     "IOW",
     "IOWR",
-    "LIVEUPDATE_IOCTL_TYPE",
-    "LiveupdateIoctl",
-    "LUO_IOCTLS",
-    "STATE_NAMES",
     "codec",
     "ffi",
     "read_cdef",
@@ -130,10 +123,22 @@ globals().update(CONSTANTS)
 __all__ += sorted(CONSTANTS)
 
 if TYPE_CHECKING:
-    # The constants above (and the LIVEUPDATE_IOCTL_* numbers below) are created at import time;
-    # this tells mypy that any other module attribute is one of those ints.  Type-checking only:
-    # at run time a missing name still raises AttributeError as usual.
+    # The constants above are created at import time; this tells mypy that any other module
+    # attribute is one of those ints.
     def __getattr__(name: str) -> int: ...
+else:
+    def __getattr__(name: str) -> Any:
+        """The default profile's names (its ioctl numbers, documented as ``cusedev.uapi.*`` before
+        there were profiles) are still found here; they live in ``cusedev.profiles.<default>.uapi``."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from .profiles.base import DEFAULT
+
+        mod = importlib.import_module(f"{__package__}.profiles.{DEFAULT}.uapi")
+        try:
+            return getattr(mod, name)
+        except AttributeError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 # --------------------------------------------------------------------------
 # ioctl numbers, as <asm-generic/ioctl.h> (x86, arm64, riscv: not alpha/mips/
@@ -328,76 +333,8 @@ def _build_codec(cname: str) -> Codec:
 
 
 # --------------------------------------------------------------------------
-# LUO ioctl table and name tables (for dispatch and tracing)
+# name tables of the generic declarations (for tracing and logs)
 
-LIVEUPDATE_IOCTL_TYPE: int = CONSTANTS["LIVEUPDATE_IOCTL_TYPE"]
-
-#: command suffix -> (argument struct, last field the kernel requires: IOCTL_OP's "last")
-_LUO_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("FD_PRESERVE", "token"),
-    ("FD_UNPRESERVE", "token"),
-    ("FD_RESTORE", "token"),
-    ("GET_STATE", "state"),
-    ("SET_EVENT", "event"),
-    ("GET_FD_STATE", "token"),
-    ("SET_FD_EVENT", "token"),
-)
-
-
-class LiveupdateIoctl:
-    """One LUO ioctl: number, names, argument struct, sizeof and min_size."""
-
-    __slots__ = ("cmd", "nr", "name", "cmd_name", "ctype", "size", "min_size")
-
-    def __init__(self, suffix: str, last: str) -> None:
-        self.cmd_name = f"LIVEUPDATE_CMD_{suffix}"
-        self.name = f"LIVEUPDATE_IOCTL_{suffix}"
-        self.nr: int = CONSTANTS[self.cmd_name]
-        self.cmd: int = IO(LIVEUPDATE_IOCTL_TYPE, self.nr)
-        self.ctype = f"struct liveupdate_ioctl_{suffix.lower()}"
-        self.size: int = ffi.sizeof(self.ctype)
-        # offsetofend(struct, last): the kernel's minimum accepted "size".
-        fields = dict(ffi.typeof(self.ctype).fields)
-        self.min_size: int = fields[last].offset + ffi.sizeof(fields[last].type)
-
-    def __repr__(self) -> str:
-        return f"<{self.name} {self.cmd:#x} {self.ctype} size={self.size} min_size={self.min_size}>"
-
-
-#: ioctl number -> LiveupdateIoctl, in command order.
-LUO_IOCTLS: Mapping[int, LiveupdateIoctl] = {
-    io.cmd: io for io in (LiveupdateIoctl(s, last) for s, last in _LUO_COMMANDS)
-}
-for _io in LUO_IOCTLS.values():
-    globals()[_io.name] = _io.cmd
-    __all__.append(_io.name)
-
-#: ioctl number -> "LIVEUPDATE_IOCTL_..."
-IOCTL_NAMES: Mapping[int, str] = {cmd: io.name for cmd, io in LUO_IOCTLS.items()}
-#: ioctl number -> "struct liveupdate_ioctl_..."
-IOCTL_STRUCTS: Mapping[int, str] = {cmd: io.ctype for cmd, io in LUO_IOCTLS.items()}
-#: command number (_IOC_NR) -> "LIVEUPDATE_CMD_..." (LIVEUPDATE_CMD_BASE is an alias, not listed)
-CMD_NAMES: Mapping[int, str] = {io.nr: io.cmd_name for io in LUO_IOCTLS.values()}
-#: enum liveupdate_event value -> "LIVEUPDATE_PREPARE", ...
-EVENT_NAMES: Mapping[int, str] = dict(sorted(ffi.typeof("enum liveupdate_event").elements.items()))
-#: enum liveupdate_state value -> C name ("LIVEUPDATE_STATE_NORMAL", ...)
-STATE_CNAMES: Mapping[int, str] = dict(sorted(ffi.typeof("enum liveupdate_state").elements.items()))
-#: enum liveupdate_state value -> the kernel's state string (sysfs, logs)
-STATE_NAMES: Mapping[int, str] = {
-    v: n.removeprefix("LIVEUPDATE_STATE_").lower() for v, n in STATE_CNAMES.items()
-}
 #: enum fuse_opcode value -> "FUSE_LOOKUP", ..., "CUSE_INIT"
 FUSE_OPCODE_NAMES: Mapping[int, str] = dict(sorted(ffi.typeof("enum fuse_opcode").elements.items()))
-__all__ += ["STATE_CNAMES", "FUSE_OPCODE_NAMES"]
-
-
-def _check_layout() -> None:
-    """Refuse to run where the cffi prelude's plain u64 typedef is not 8-aligned (e.g. i386)."""
-    want = {"fd_unpreserve": (16, "token", 8), "get_fd_state": (24, "state", 16)}
-    for short, (size, field, off) in want.items():
-        ct = f"struct liveupdate_ioctl_{short}"
-        if ffi.sizeof(ct) != size or ffi.offsetof(ct, field) != off:
-            raise ImportError(f"cusedev.uapi: {ct} layout differs from the LUO ABI on this platform")
-
-
-_check_layout()
+__all__ += ["FUSE_OPCODE_NAMES"]

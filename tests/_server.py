@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cusedev.paths import control_socket, escape
+from cusedev.control.paths import control_socket, escape
 
 REPO = Path(__file__).resolve().parent.parent
 # The VM run is software-emulated (TCG) and may share 2 CPUs with other VMs: Python

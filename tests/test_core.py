@@ -8,9 +8,9 @@ import struct
 import pytest
 
 from cusedev import uapi
-from cusedev.abi import v3
-from cusedev.abi.table import dispatch
-from cusedev.core import Event, LiveUpdateCore, State
+from cusedev.device.dispatch import dispatch
+from cusedev.profiles.v3 import ops as v3
+from cusedev.profiles.v3.model import Event, LiveUpdateCore, State
 
 
 class FakeFile:

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 from _server import READY_TIMEOUT, REPO, force_cleanup
 
-from cusedev import Emulator, server
+from cusedev import Emulator
 from cusedev.cli import build_parser
+from cusedev.control import server
 
 EXAMPLES = REPO / "examples"
 TIMEOUT = 300

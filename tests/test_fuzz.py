@@ -33,7 +33,7 @@ from _hostile import IN_VM, alive, assert_clean_log, fd_count, knob, open_retry,
 from _server import ServerProc, public_dir  # noqa: F401  (fixture)
 
 from cusedev import control
-from cusedev.memory import CUSE_MAX_IOCTL_BYTES
+from cusedev.device.memory import CUSE_MAX_IOCTL_BYTES
 
 N_IOCTLS = int(knob("CUSEDEV_FUZZ_IOCTLS", 100_000, 4_000))
 CHECK_EVERY = 5000 if not IN_VM else 500

@@ -16,8 +16,8 @@ from test_trace import cli, records, wait_for
 
 from cusedev import uapi as U
 from cusedev.client import LiveUpdateDevice, State
-from cusedev.handles import LiveUpdateDevice as Device
-from cusedev.inject import RuleError, parse_rule
+from cusedev.device.openfiles import EmulatedDevice as Device
+from cusedev.tracing.inject import RuleError, parse_rule
 
 
 def test_ioctl_error_when_2plus_traced_and_replayed(public_dir: Path, tmp_path: Path, transport_name: str) -> None:

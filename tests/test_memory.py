@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from cusedev.device import NeedRetry
-from cusedev.memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
+from cusedev.device.memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
+from cusedev.device.seam import NeedRetry
 
 
 def test_process_vm_read_write_fault() -> None:
@@ -87,10 +87,10 @@ def test_retry_write_outside_declared_goes_direct() -> None:
 def test_dispatch_over_retry_rounds_as_traced(size: int, rounds: int, err: int) -> None:
     """The real ABI table over CUSE-style rounds, seen through the tracer's wrapper: how many
     rounds the kernel is asked for, the reply payload, and what the trace records (size, in, out)."""
-    from cusedev.abi.table import dispatch
-    from cusedev.abi.v3 import OPS
-    from cusedev.core import LiveUpdateCore
-    from cusedev.trace import Seen
+    from cusedev.device.dispatch import dispatch
+    from cusedev.profiles.v3.model import LiveUpdateCore
+    from cusedev.profiles.v3.ops import OPS
+    from cusedev.tracing.record import Seen
     from cusedev.uapi import LIVEUPDATE_IOCTL_GET_STATE as GS
 
     class Ctx:

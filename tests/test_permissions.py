@@ -33,8 +33,9 @@ from _hostile import (
 )
 from _server import ServerProc, public_dir  # noqa: F401  (fixture)
 
-from cusedev import control, paths
-from cusedev.control import ControlError
+from cusedev import control
+from cusedev.control import paths
+from cusedev.control.channel import ControlError
 
 NOBODY = 65534
 GROUP = 43210
@@ -212,7 +213,7 @@ def test_run_refuses_a_non_root_emulator(public_dir: Path) -> None:  # noqa: F81
     os.close(end_r)
     try:
         assert os.read(ready_r, 1) == b"r"
-        from cusedev.runcmd import run_under
+        from cusedev.run.command import run_under
 
         marker = public_dir / "ran"
         with pytest.raises(ControlError, match="does not run as root"):

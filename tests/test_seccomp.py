@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from cusedev import launcher, seccomp, uapi
+from cusedev import uapi
+from cusedev.run import launcher, seccomp
 
 REPO = Path(__file__).resolve().parent.parent
 RESTORE = uapi.LIVEUPDATE_IOCTL_FD_RESTORE
@@ -483,7 +484,7 @@ def test_handoff_runs_before_exec_and_failure_stops_the_command(tmp_path: Path) 
 
 LAUNCHER_SCRIPT = r"""
 import asyncio, json, os, signal, sys
-from cusedev import launcher
+from cusedev.run import launcher
 
 def sleeps():
     out = {}

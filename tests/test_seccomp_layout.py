@@ -16,7 +16,8 @@ from typing import Any
 
 import cffi
 
-from cusedev import seccomp, uapi
+from cusedev import uapi
+from cusedev.run import seccomp
 
 # Our name -> the kernel header's expression, where they differ.
 RENAMED = {

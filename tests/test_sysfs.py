@@ -31,8 +31,8 @@ import _server
 import pytest
 from _server import READY_TIMEOUT, REPO, ServerProc, force_cleanup, mounts_mentioning
 
-from cusedev import paths
 from cusedev.client import LiveUpdateDevice
+from cusedev.control import paths
 
 public_dir = _server.public_dir  # fixture
 NOBODY = 65534
@@ -620,7 +620,7 @@ def test_python_api_in_process(public_dir: Path, transport_name: str) -> None:
     """``Server(sysfs=..., sysfs_root=...)`` on the caller's loop; the core's changes reach a poller."""
     import asyncio
 
-    from cusedev.server import Server
+    from cusedev.control.server import Server
 
     path, root = str(public_dir / "inproc"), public_dir / "inproc-sys"
     state = root / "kernel/liveupdate/state"

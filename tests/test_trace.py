@@ -286,8 +286,8 @@ def traced_in_process(dev: Any, path: str, out: Path, transport_name: str, clien
     """Serve ``dev`` in this process (the Python API), tracing to ``out``, while ``client`` runs in a thread."""
     import asyncio
 
-    from cusedev import trace as T
-    from cusedev.server import Server
+    from cusedev.control.server import Server
+    from cusedev.tracing import record as T
 
     async def main() -> None:
         T.start(dev, str(out))
@@ -313,8 +313,8 @@ def test_flush_answers_queued_requests_before_writing(public_dir: Path, transpor
     import select
     import threading
 
-    from cusedev import trace as T
-    from cusedev.handles import LiveUpdateDevice
+    from cusedev.device.openfiles import EmulatedDevice as LiveUpdateDevice
+    from cusedev.tracing import record as T
 
     monkeypatch.setattr(T, "PUMP_AFTER_NS", -1)
     path, out = str(public_dir / "pump"), tmp_path / "pump.jsonl"
@@ -433,8 +433,8 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
     import hashlib
     import threading
 
-    from cusedev import trace as T
-    from cusedev.handles import LiveUpdateDevice
+    from cusedev.device.openfiles import EmulatedDevice as LiveUpdateDevice
+    from cusedev.tracing import record as T
 
     release = threading.Event()
     real = T.file_json

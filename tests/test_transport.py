@@ -249,7 +249,8 @@ def test_taken_by_a_file(tmp_path: Path, transport_name: str, content: bytes | N
 
 def test_not_root(public_dir: Path, transport_name: str) -> None:
     """In a forked child (a non-root user may not even exec root's python): one line, exit 1."""
-    import cusedev.server  # noqa: F401  (nobody cannot read root's stdlib: import before dropping)
+    import cusedev.control.server  # noqa: F401  (nobody cannot read root's stdlib: import before dropping)
+
     from cusedev.cli import main
 
     r, w = os.pipe()
@@ -291,7 +292,7 @@ def test_server_in_process(public_dir: Path, transport_name: str) -> None:
     """The Python API other front ends use: Server on the caller's loop, clients in threads."""
     import asyncio
 
-    from cusedev.server import Server
+    from cusedev.control.server import Server
 
     path = str(public_dir / "inproc")
 

@@ -2,7 +2,7 @@
 
 A transport has ``name``, ``device_path``, ``async start()`` (raises
 ``TransportError`` with a one-line reason) and ``async stop()`` (idempotent,
-removes everything it created).  ``session`` is its ``wire.Session``.
+removes everything it created).  ``connection`` is its ``fuse.wire.Connection``.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ import subprocess
 from typing import Any
 
 from .. import uapi
-from ..device import CallerMemory, DeviceHandler, NeedRetry
-from ..memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
-from ..wire import NO_REPLY, Request, Session
+from ..device.memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
+from ..device.seam import CallerMemory, DeviceHandler, NeedRetry
+from ..fuse.wire import NO_REPLY, Connection, Request
 from . import TransportError
 from .devops import IOCTL_IN, DeviceOps
 
@@ -90,7 +90,7 @@ class CuseOps(DeviceOps):
         super().__init__(handler)
         self.devname = devname
         self.use_retry = memory == "retry"
-        self.session: Session | None = None
+        self.connection: Connection | None = None
         self.initialized: asyncio.Future[None] | None = None
         # tid -> (fh, cmd, arg, in_ranges, out_ranges) of the RETRY we last sent it.
         self._asked: dict[int, tuple[int, int, int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
@@ -102,9 +102,9 @@ class CuseOps(DeviceOps):
                                    flags=uapi.CUSE_UNRESTRICTED_IOCTL, max_read=MAX_IO, max_write=MAX_IO,
                                    dev_major=0, dev_minor=0)
         info = b"DEVNAME=" + self.devname.encode() + b"\0"
-        assert self.session is not None
+        assert self.connection is not None
         # Reply here so the device exists when ``initialized`` fires.
-        self.session.reply(req.unique, [out, info])
+        self.connection.reply(req.unique, [out, info])
         if self.initialized is not None and not self.initialized.done():
             self.initialized.set_result(None)
         return NO_REPLY
@@ -157,7 +157,7 @@ class CuseTransport:
         self.ops = CuseOps(handler, self.devname, memory)
         self.node_timeout = node_timeout
         self.fd = -1
-        self.session: Session | None = None
+        self.connection: Connection | None = None
         self._made: list[str] = []  # nodes/symlinks we created, removed on stop
 
     def _check_free(self) -> None:
@@ -215,17 +215,17 @@ class CuseTransport:
         except OSError as e:
             raise TransportError(f"{CUSE_DEV}: {e.strerror}") from e
         try:
-            self.session = Session(self.fd, self.ops, name=f"cuse:{self.devname}")
-            self.ops.session = self.session
+            self.connection = Connection(self.fd, self.ops, name=f"cuse:{self.devname}")
+            self.ops.connection = self.connection
             self.ops.initialized = loop.create_future()
-            self.session.start(loop)
-            assert self.session.closed is not None
-            await asyncio.wait([self.ops.initialized, self.session.closed], timeout=10,
+            self.connection.start(loop)
+            assert self.connection.closed is not None
+            await asyncio.wait([self.ops.initialized, self.connection.closed], timeout=10,
                                return_when=asyncio.FIRST_COMPLETED)
             if not self.ops.initialized.done():
                 raise TransportError(f"{self.device_path}: no CUSE_INIT from the kernel")
             await asyncio.sleep(0)  # let an immediate ENODEV (name refused) be read
-            if self.session.closed.done() or not os.path.exists(self.sys_dir):
+            if self.connection.closed.done() or not os.path.exists(self.sys_dir):
                 raise TransportError(f"{self.device_path}: the kernel refused device name {self.devname!r} "
                                      "(already registered?)")
             devt = os.makedev(*self._read_devt())
@@ -282,8 +282,8 @@ class CuseTransport:
 
     async def stop(self) -> None:
         """Close the channel (the kernel removes its device), then remove nodes we made."""
-        if self.session is not None:
-            self.session.stop()
+        if self.connection is not None:
+            self.connection.stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -13,9 +13,9 @@ import struct
 from typing import Any
 
 from .. import uapi
-from ..device import Caller, CallerMemory, DeviceHandler
-from ..memory import ProcessVmMemory
-from ..wire import IN_HEADER, OUT_HEADER, Operations, Request, Session
+from ..device.memory import ProcessVmMemory
+from ..device.seam import Caller, CallerMemory, DeviceHandler
+from ..fuse.wire import IN_HEADER, OUT_HEADER, Connection, Operations, Request
 
 OPEN_IN = uapi.codec("struct fuse_open_in")
 OPEN_OUT = uapi.codec("struct fuse_open_out")
@@ -52,21 +52,21 @@ class DeviceOps(Operations):
         # Callers are immutable and a client issues many ioctls from few threads: reuse them, and
         # their direct memory (building a frozen dataclass was the costliest Python step of a GET_STATE).
         self._callers: dict[tuple[int, int, int], tuple[Caller, ProcessVmMemory]] = {}
-        # Neither hook overridden (the FUSE file): the session's fast path ``raw_ioctl`` serves every
-        # ioctl; otherwise (CUSE) the session calls ``ioctl``, which goes through the hooks.
+        # Neither hook overridden (the FUSE file): the connection's fast path ``raw_ioctl`` serves every
+        # ioctl; otherwise (CUSE) the connection calls ``ioctl``, which goes through the hooks.
         cls = type(self)
         if cls.memory_for is not DeviceOps.memory_for or cls.ioctl_reply is not DeviceOps.ioctl_reply:
             self.raw_ioctl = None  # type: ignore[assignment]
 
-    def started(self, session: Session) -> None:
-        pumps = getattr(self.handler, "pumps", None)  # LiveUpdateDevice: see its ``pump``
+    def started(self, connection: Connection) -> None:
+        pumps = getattr(self.handler, "pumps", None)  # EmulatedDevice: see its ``pump``
         if pumps is not None:
-            pumps.append(session.serve_queued)
+            pumps.append(connection.serve_queued)
 
-    def stopped(self, session: Session) -> None:
+    def stopped(self, connection: Connection) -> None:
         pumps = getattr(self.handler, "pumps", None)
-        if pumps is not None and session.serve_queued in pumps:
-            pumps.remove(session.serve_queued)
+        if pumps is not None and connection.serve_queued in pumps:
+            pumps.remove(connection.serve_queued)
 
     # -- hooks -----------------------------------------------------------
     def check_node(self, req: Request) -> None:
@@ -118,7 +118,7 @@ class DeviceOps(Operations):
         return known
 
     def raw_ioctl(self, buf: memoryview, unique: int, uid: int, gid: int, tid: int) -> Any:
-        """FUSE_IOCTL from the session's read buffer (``wire.Session``'s fast path), caller memory direct.
+        """FUSE_IOCTL from the connection's read buffer (its fast path), caller memory direct.
 
         Returns the framed reply (out header + ``fuse_ioctl_out``) or an awaitable of the payload.
         Only used while neither hook is overridden (the FUSE file); see ``__init__``.

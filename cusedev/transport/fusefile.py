@@ -34,9 +34,11 @@ import stat
 import time
 from typing import Any
 
-from .. import paths, sysmount, uapi
-from ..device import DeviceHandler
-from ..wire import SETATTR_IN, Request, Session, apply_setattr, pack_dirents
+from .. import uapi
+from ..control import paths
+from ..device.seam import DeviceHandler
+from ..fuse import mount as sysmount
+from ..fuse.wire import SETATTR_IN, Connection, Request, apply_setattr, pack_dirents
 from . import TransportError
 from .devops import DeviceOps
 
@@ -147,7 +149,7 @@ class FuseFileTransport:
         self.private_dir = paths.runtime_dir(self.device_path, run_dir)
         self.mnt = os.path.join(self.private_dir, "mnt")
         self.fd = -1
-        self.session: Session | None = None
+        self.connection: Connection | None = None
         self._created_file = False
         self._mounted = False
         self._bound = False
@@ -221,8 +223,8 @@ class FuseFileTransport:
             await loop.run_in_executor(None, sysmount.mount, "cusedev", self.mnt, FSTYPE,
                                        sysmount.MS_NOSUID | sysmount.MS_NODEV, opts)
             self._mounted = True
-            self.session = Session(self.fd, self.ops, name=f"fuse:{self.device_path}")
-            self.session.start(loop)
+            self.connection = Connection(self.fd, self.ops, name=f"fuse:{self.device_path}")
+            self.connection.start(loop)
             # In a thread: the bind's path lookup waits on requests this loop must answer.
             await loop.run_in_executor(None, sysmount.mount, os.path.join(self.mnt, DEVICE_NAME),
                                        self.device_path, None, sysmount.MS_BIND, None)
@@ -244,8 +246,8 @@ class FuseFileTransport:
                     await loop.run_in_executor(None, sysmount.umount_lazy, target)
                 except OSError as e:
                     log.warning("umount %s: %s", target, e.strerror)
-        if self.session is not None:
-            self.session.stop()
+        if self.connection is not None:
+            self.connection.stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

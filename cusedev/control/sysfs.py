@@ -1,4 +1,5 @@
-"""The sysfs shim: ``<root>/kernel/liveupdate/{state,update_count}`` with real sysfs semantics.
+"""The sysfs shim: a profile's attributes (v3: ``<root>/kernel/liveupdate/{state,update_count}``)
+with real sysfs semantics.
 
 Two backends behind one ``SysfsTree`` interface:
 
@@ -40,11 +41,12 @@ import select
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import sysmount, uapi
-from .wire import Operations, Request, Session, apply_setattr, pack_dirents
+from .. import uapi
+from ..fuse import mount as sysmount
+from ..fuse.wire import Connection, Operations, Request, apply_setattr, pack_dirents
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +110,9 @@ class Attribute:
         return True
 
 
-def liveupdate_attributes(core: Any) -> dict[str, Attribute]:
-    """``kernel/liveupdate/*`` of a ``LiveUpdateCore``: path below the root -> attribute."""
-    return {
-        "kernel/liveupdate/state": Attribute("state", lambda: core.state.label + "\n"),
-        "kernel/liveupdate/update_count": Attribute("update_count", lambda: f"{core.update_count}\n"),
-    }
+def attributes(shows: Mapping[str, Callable[[], str]]) -> dict[str, Attribute]:
+    """A profile's ``sysfs(model)`` (path below the root -> text) as attributes."""
+    return {rel: Attribute(os.path.basename(rel), show) for rel, show in shows.items()}
 
 
 class SysfsTree:
@@ -121,10 +120,10 @@ class SysfsTree:
 
     kind = ""
 
-    def __init__(self, root: str, core: Any, attrs: dict[str, Attribute] | None = None):
+    def __init__(self, root: str, core: Any, attrs: dict[str, Attribute]):
         self.root = os.path.abspath(root)
         self.core = core
-        self.attrs = attrs if attrs is not None else liveupdate_attributes(core)
+        self.attrs = attrs
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[Attribute] = set()
         self._scheduled = False
@@ -251,7 +250,7 @@ class SysfsOps(Operations):
             parent.children[leaf.encode()] = ino
         self.files: dict[int, OpenFile] = {}
         self._next_fh = 1
-        self.session: Session | None = None
+        self.connection: Connection | None = None
 
     # -- attributes of nodes -------------------------------------------------------------------
     def _node(self, nodeid: int) -> Node:
@@ -344,12 +343,12 @@ class SysfsOps(Operations):
 
     def wake(self, changed: set[Attribute]) -> None:
         """FUSE_NOTIFY_POLL to every open file of a changed attribute that has polled."""
-        session = self.session
-        if session is None:
+        connection = self.connection
+        if connection is None:
             return
         for of in self.files.values():
             if of.kh is not None and of.attr in changed:
-                session.notify_poll(of.kh)
+                connection.notify_poll(of.kh)
 
     # -- directories ---------------------------------------------------------------------------
     def opendir(self, req: Request, body: memoryview) -> Any:
@@ -420,11 +419,11 @@ class FuseSysfs(SysfsTree):
 
     kind = "fuse"
 
-    def __init__(self, root: str, core: Any, attrs: dict[str, Attribute] | None = None):
+    def __init__(self, root: str, core: Any, attrs: dict[str, Attribute]):
         super().__init__(root, core, attrs)
         self.ops = SysfsOps(self.attrs)
         self.fd = -1
-        self.session: Session | None = None
+        self.connection: Connection | None = None
         self._mounted = False
 
     def publish(self, changed: set[Attribute]) -> None:
@@ -443,9 +442,9 @@ class FuseSysfs(SysfsTree):
             await loop.run_in_executor(None, sysmount.mount, "cusedev-sysfs", self.root, "fuse.cusedev-sysfs",
                                        sysmount.MS_NOSUID | sysmount.MS_NODEV | _MS_NOEXEC, opts)
             self._mounted = True
-            self.session = Session(self.fd, self.ops, name=f"sysfs:{self.root}")
-            self.ops.session = self.session
-            self.session.start(loop)
+            self.connection = Connection(self.fd, self.ops, name=f"sysfs:{self.root}")
+            self.ops.connection = self.connection
+            self.connection.start(loop)
             await super().start()
             # FUSE_INIT and a lookup answered by this loop: the tree is usable once start() returns.
             await loop.run_in_executor(None, os.stat, self.path(next(iter(self.attrs))))
@@ -465,9 +464,9 @@ class FuseSysfs(SysfsTree):
                 await asyncio.get_running_loop().run_in_executor(None, sysmount.umount_lazy, self.root)
             except OSError as e:
                 log.warning("umount %s: %s", self.root, e.strerror)
-        if self.session is not None:
-            self.session.stop()
-            self.ops.session = None
+        if self.connection is not None:
+            self.connection.stop()
+            self.ops.connection = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -527,9 +526,10 @@ class FileSysfs(SysfsTree):
         self._remove_dirs()
 
 
-async def start_sysfs(root: str, core: Any, mode: str = "auto",
-                      attrs: dict[str, Attribute] | None = None) -> SysfsTree:
-    """Serve the tree at ``root``: ``fuse``, ``files``, or ``auto`` (FUSE, else files with a warning)."""
+async def start_sysfs(root: str, core: Any, attrs: dict[str, Attribute], mode: str = "auto") -> SysfsTree:
+    """Serve the tree at ``root``: ``fuse``, ``files``, or ``auto`` (FUSE, else files with a warning).
+
+    ``core`` is the model whose ``listeners`` say when to refresh ``attrs``."""
     if mode not in MODES:
         raise SysfsError(f"unknown sysfs mode {mode!r}")
     if mode in ("auto", "fuse"):

@@ -84,5 +84,15 @@ class DeviceHandler(Protocol):
         """write(2) on the device."""
 
 
+class FdInstaller(Protocol):
+    """Puts a new fd into a caller, as the kernel's fd_install would (seccomp ADDFD in practice)."""
+
+    def reserve(self, caller: Caller) -> None:
+        """Fail with EMFILE (or the kernel's errno) when the caller has no free fd."""
+
+    def install(self, caller: Caller, fd: int) -> int:
+        """Install a dup of our ``fd`` with O_CLOEXEC in the caller; returns its number there."""
+
+
 def einval() -> OSError:
     return OSError(errno.EINVAL, "Invalid argument")

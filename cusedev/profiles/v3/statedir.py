@@ -20,8 +20,8 @@ import os
 import threading
 from typing import Any
 
-from .core import LiveUpdateCore, PreservedFile, State
-from .files import ShmemFile
+from ...device.memfd import ShmemFile
+from .model import LiveUpdateCore, PreservedFile, State
 
 log = logging.getLogger(__name__)
 FORMAT = 1

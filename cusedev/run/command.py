@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import control
-from .control import ControlError
+from .. import control
+from ..control.channel import ControlError
 from .launcher import Launcher
 
 

@@ -12,7 +12,7 @@ Only the FD_PRESERVE record does real work at call time: it keeps a dup of
 the preserved file (the caller may close its fd right after the call), which
 the flush describes — size, digest and, for small files, the contents that
 replay needs to stand in a memfd.  A flush that took a while lets requests
-queued meanwhile go first (``LiveUpdateDevice.pump``) before it writes.  A file
+queued meanwhile go first (``EmulatedDevice.pump``) before it writes.  A file
 over CONTENT_LIMIT is hashed in a thread (~0.6 ms per MiB: a guest's RAM would
 stall the device); its record keeps its place and the ones behind it wait.
 
@@ -43,11 +43,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import __version__, pidfd, uapi
-from .abi.table import _U32, Op, _check_zero_tail, _prim
-from .core import State
-from .device import Caller, CallerMemory, NeedRetry
-from .files import TMPFS_MAGIC, fs_type
+from .. import __version__
+from ..device import pidfd
+from ..device.dispatch import _U32, Op, _check_zero_tail, _prim
+from ..device.memfd import TMPFS_MAGIC, fs_type
+from ..device.seam import Caller, CallerMemory, NeedRetry
+from ..profiles.v3 import uapi
+from ..profiles.v3.model import State
 
 FORMAT_VERSION = 1
 CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
@@ -266,7 +268,7 @@ class Tracer:
         atexit.register(self.close)  # records queued when the loop stops still reach the file
 
     def header(self) -> dict[str, Any]:
-        return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.NAME,
+        return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.name,
                 "arch": platform.machine(), "endian": sys.byteorder, "emulator": f"cusedev {__version__}",
                 "time": _wall(), "mono_ns": _mono(), "emulator_pid": os.getpid(),
                 "state": self.device.core.state.label}

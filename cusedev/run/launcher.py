@@ -27,7 +27,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from . import seccomp, uapi
+from .. import uapi
+from . import seccomp
 
 __all__ = ["Launcher", "descendants", "exit_code", "kill_tree", "run", "set_child_subreaper"]
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class State(IntEnum):
@@ -81,8 +81,8 @@ class LiveUpdateCore:
     update_count: int = 0
     outgoing: dict[int, PreservedFile] = field(default_factory=dict)
     incoming: dict[int, PreservedFile] = field(default_factory=dict)
-    listeners: list[Callable[[State, State], None]] = field(default_factory=list)
-    fault: Fault = _no_fault
+    listeners: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    fault: Callable[[str], None] = field(default=_no_fault)
 
     # -- change notification -------------------------------------------------------------------
     def _set_state(self, new: State) -> None:

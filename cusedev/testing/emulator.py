@@ -51,11 +51,12 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import control, paths
+from .. import control
+from ..control import paths
 
 if TYPE_CHECKING:
-    from .client import LiveUpdateDevice
-    from .server import Server
+    from ..control.server import Server
+    from ..profiles.v3.client import LiveUpdateDevice
 
 __all__ = ["Emulator", "EmulatorError", "available_transport"]
 
@@ -77,7 +78,7 @@ def _default_timeout() -> float:
 
 def available_transport() -> tuple[str | None, str]:
     """(best usable transport or None, why not) — "cuse" if /dev/cuse opens, else "fuse" if /dev/fuse does."""
-    from .transport.cuse import cuse_available
+    from ..transport.cuse import cuse_available
 
     why_cuse = cuse_available()
     if why_cuse is None:
@@ -306,9 +307,9 @@ class Emulator:
             loop.close()
 
     async def _serve_in_thread(self, ready: dict[str, Any], started: threading.Event) -> None:
-        from . import trace
-        from .handles import LiveUpdateDevice as DeviceHandler
-        from .server import ServeError, Server
+        from ..control.server import ServeError, Server
+        from ..device.openfiles import EmulatedDevice as DeviceHandler
+        from ..tracing import record as trace
 
         handler = DeviceHandler()
         for rule in self.initial_rules:
@@ -427,7 +428,7 @@ class Emulator:
         A status round trip first: the emulator writes records after the
         replies, and its control loop answers only after those writes.
         """
-        from .trace import read_records
+        from ..tracing.record import read_records
 
         if not self.trace_enabled:
             raise RuntimeError("this Emulator was started with trace=False")
@@ -441,7 +442,7 @@ class Emulator:
 
     def trace_tail(self, lines: int = 30) -> list[str]:
         """The last ``lines`` trace records, strace-style (what failure reports show)."""
-        from .trace import format_record
+        from ..tracing.record import format_record
 
         if not self.trace_enabled:
             return []
@@ -451,7 +452,7 @@ class Emulator:
     # -- clients ---------------------------------------------------------------------------------
     def open(self, flags: int = os.O_RDWR) -> LiveUpdateDevice:
         """An open ``cusedev.client.LiveUpdateDevice`` on this emulator (a context manager)."""
-        from .client import LiveUpdateDevice
+        from ..profiles.v3.client import LiveUpdateDevice
 
         return LiveUpdateDevice(self.path, flags)
 

@@ -13,7 +13,7 @@ import fcntl
 import os
 import stat
 
-from .core import fail
+from ..libc import fail
 
 TMPFS_MAGIC = 0x01021994
 

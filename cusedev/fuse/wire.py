@@ -1,6 +1,6 @@
 """The FUSE wire protocol, spoken directly on a /dev/fuse or /dev/cuse fd (no libfuse).
 
-One ``Session`` per kernel connection: it reads one request per read() into a
+One ``Connection`` per kernel connection: it reads one request per read() into a
 reusable buffer, decodes ``fuse_in_header``, dispatches by opcode to a method
 of an ``Operations`` object and writes the reply with one writev().  Every
 FUSE-speaking front end (FUSE-file device, CUSE device, sysfs-like tree)
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import uapi
+from .. import uapi
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,14 @@ class Operations:
     def batch_forget(self, req: Request, body: memoryview) -> Any:
         return NO_REPLY
 
-    def started(self, session: Session) -> None:
-        """``session`` serves these operations from now on (``session.serve_queued`` may be kept)."""
+    def started(self, connection: Connection) -> None:
+        """``connection`` serves these operations from now on (``connection.serve_queued`` may be kept)."""
 
-    def stopped(self, session: Session) -> None:
-        """``session`` no longer serves them."""
+    def stopped(self, connection: Connection) -> None:
+        """``connection`` no longer serves them."""
 
 
-class Session:
+class Connection:
     """One kernel connection: the fd, the read buffer, the dispatch table, the replies."""
 
     def __init__(self, fd: int, ops: Operations, *, name: str = "fuse", bufsize: int | None = None):
@@ -277,7 +277,7 @@ class Session:
                 if e.errno == errno.ENOENT:  # request aborted between poll and read
                     continue
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted / aborted / CUSE init refused
-                    log.error("%s: read failed: %s; ending the session", self.name, e)
+                    log.error("%s: read failed: %s; ending the connection", self.name, e)
                 self._end()
                 return
             if n < _IN_HDR_SIZE:

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import uapi
+from ..profiles.v3 import uapi
 
 POINTS = ("prepare", "kexec")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|ms|s)?$")
@@ -160,7 +160,7 @@ class Injector:
         elif not points and self._base_fault is not None:
             core.fault = self._base_fault
             self._base_fault = None
-        from .trace import refresh
+        from .record import refresh
 
         refresh(self.device)
 

@@ -1,9 +1,9 @@
 """The device behind every transport: open descriptions, exclusive open, revocation, fd traffic.
 
-``LiveUpdateDevice`` is the ``DeviceHandler`` the transports call.  It keeps
-one ``Session`` per open file description, enforces the single opener (EBUSY),
+``EmulatedDevice`` is the ``DeviceHandler`` the transports call.  It keeps
+one ``OpenFile`` per open file description, enforces the single opener (EBUSY),
 drops outgoing files when the opener goes away, and hands each ioctl to the
-ABI profile's table with the session as context.  Moving fds in and out of
+ABI profile's table with the open file as context.  Moving fds in and out of
 the caller (pidfd_getfd in, an ``FdInstaller`` out) lives here too, so ABI
 handlers stay a few lines each.
 """
@@ -18,14 +18,15 @@ import resource
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from . import abi, pidfd
-from .abi.table import dispatch
-from .core import LiveUpdateCore, fail
-from .device import Caller, CallerMemory, einval
-from .files import ShmemFile, check_usable
-from .inject import Injector
+from .. import profiles
+from ..libc import fail
+from ..tracing.inject import Injector
+from . import pidfd
+from .dispatch import dispatch
+from .memfd import ShmemFile, check_usable
+from .seam import Caller, CallerMemory, FdInstaller, einval
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _ioctl.restype = ctypes.c_int
-
-
-class FdInstaller(Protocol):
-    """Puts a new fd into a caller, as the kernel's fd_install would (seccomp ADDFD in practice)."""
-
-    def reserve(self, caller: Caller) -> None:
-        """Fail with EMFILE (or the kernel's errno) when the caller has no free fd."""
-
-    def install(self, caller: Caller, fd: int) -> int:
-        """Install a dup of our ``fd`` with O_CLOEXEC in the caller; returns its number there."""
 
 
 class SeccompInstaller:
@@ -81,12 +72,12 @@ class Proxy:
     installer: FdInstaller
 
 
-class Session:
+class OpenFile:
     """One open file description of the device; the ``ctx`` of every ABI handler."""
 
     __slots__ = ("fh", "device", "core", "revoked")
 
-    def __init__(self, fh: int, device: LiveUpdateDevice):
+    def __init__(self, fh: int, device: EmulatedDevice):
         self.fh = fh
         self.device = device
         self.core = device.core
@@ -132,15 +123,15 @@ class Session:
         return newfd
 
 
-class LiveUpdateDevice:
+class EmulatedDevice:
     """``DeviceHandler`` for /dev/liveupdate: one core, one ABI profile, any number of transports."""
 
-    def __init__(self, core: LiveUpdateCore | None = None, profile: str = "v3"):
-        self.core = core if core is not None else LiveUpdateCore()
-        self.profile = abi.profile(profile)
-        self.ops = self.profile.OPS
-        self.sessions: dict[int, Session] = {}
-        self.opener: Session | None = None
+    def __init__(self, core: Any = None, profile: str = profiles.DEFAULT):
+        self.profile = profiles.get(profile)
+        self.core: Any = core if core is not None else self.profile.model()
+        self.ops = self.profile.kinds["device"].ops
+        self.files: dict[int, OpenFile] = {}
+        self.opener: OpenFile | None = None
         self.installer: FdInstaller | None = None
         self.proxies: dict[int, Proxy] = {}  # worker thread id -> the `cusedev run` call it carries
         self.on_open: list[Callable[[Caller], None]] = []
@@ -150,7 +141,7 @@ class LiveUpdateDevice:
         self.tracer: Any = None
         #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``)
         self.injector = Injector(self)
-        #: each transport session's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
+        #: each FUSE connection's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
         self.pumps: list[Callable[[], None]] = []
         self.opener_tid = 0
         self._next_fh = 1
@@ -164,7 +155,7 @@ class LiveUpdateDevice:
             raise fail(errno.EBUSY)
         fh = self._next_fh
         self._next_fh += 1
-        self.opener = self.sessions[fh] = Session(fh, self)
+        self.opener = self.files[fh] = OpenFile(fh, self)
         self.opener_tid = caller.tid
         for cb in self.on_open:
             cb(caller)
@@ -173,7 +164,7 @@ class LiveUpdateDevice:
         return fh
 
     def release(self, fh: int) -> None:
-        s = self.sessions.pop(fh, None)
+        s = self.files.pop(fh, None)
         if self.tracer is not None:
             self.tracer.release(fh)
         if s is not None and s is self.opener:
@@ -188,7 +179,7 @@ class LiveUpdateDevice:
         if self.interceptor is not None:
             return self.interceptor(self, fh, caller, cmd, arg, mem)
         # run_ioctl, inlined: this is every plain ioctl's path
-        s = self.sessions.get(fh)
+        s = self.files.get(fh)
         if s is None or s.revoked:
             raise fail(errno.ENODEV)
         return dispatch(self.ops, s, caller, cmd, arg, mem)
@@ -197,12 +188,12 @@ class LiveUpdateDevice:
         """Answer the requests already queued on every transport, without blocking: called by
         work that runs between requests and may take a while (the trace flush), so that a client
         on another CPU does not wait behind it.  On the loop's thread only."""
-        for serve in tuple(self.pumps):  # a session that ends while serving leaves the list
+        for serve in tuple(self.pumps):  # a connection that ends while serving leaves the list
             serve()
 
     def run_ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
         """The ioctl itself, for an interceptor (tracing, fault injection)."""
-        s = self.sessions.get(fh)
+        s = self.files.get(fh)
         if s is None or s.revoked:
             raise fail(errno.ENODEV)
         return dispatch(self.ops, s, caller, cmd, arg, mem)
@@ -231,7 +222,7 @@ class LiveUpdateDevice:
 
     def _kexec(self) -> bool:
         live = self.core.kexec()
-        for s in self.sessions.values():
+        for s in self.files.values():
             s.revoked = True
         self.opener = None
         return live

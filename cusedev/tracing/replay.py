@@ -27,9 +27,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from . import uapi
-from .client import LiveUpdateDevice
-from .trace import FORMAT_VERSION, errname, read_records
+from ..profiles.v3 import uapi
+from ..profiles.v3.client import LiveUpdateDevice
+from .record import FORMAT_VERSION, errname, read_records
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -209,7 +209,7 @@ class Replayer:
             self.ok(rec, "ok")
 
     def do_kexec(self, rec: dict[str, Any]) -> None:
-        from .control import ControlError, request
+        from ..control.channel import ControlError, request
 
         try:
             r = request(self.device, "kexec")

@@ -1,7 +1,7 @@
 """ABI profile "v3": the /dev/liveupdate ioctls of the LUO v3 series (spec sections 1, 5).
 
 One row per command, in nr order; each handler is a few lines against the
-pure core.  ``ctx`` is the device session (``cusedev.handles.Session``): it
+pure core.  ``ctx`` is the device session (``cusedev.device.openfiles.OpenFile``): it
 supplies the core, pulls the caller's fds and installs restored ones.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import uapi
-from .table import Op, make_op
+from ...device.dispatch import Op, make_op
+from . import uapi
 
 NAME = "v3"
 TYPE = uapi.LIVEUPDATE_IOCTL_TYPE

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import uapi
-from ..core import fail
-from ..device import CallerMemory
+from ..libc import fail
+from .seam import CallerMemory
 
 _U32 = struct.Struct("=I")
 _TAIL_CHUNK = 1 << 16

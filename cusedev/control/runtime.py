@@ -16,33 +16,23 @@ import os
 import stat
 from typing import Any
 
-from . import pidfd, uapi
-from .control import Connection, ControlServer
-from .device import Caller
-from .handles import LiveUpdateDevice, Proxy, SeccompInstaller
-from .memory import ProcessVmMemory
-from .seccomp import Notification, Supervisor
+from .. import uapi
+from ..device import pidfd
+from ..device.memory import ProcessVmMemory
+from ..device.openfiles import EmulatedDevice, Proxy, SeccompInstaller
+from ..device.seam import Caller
+from ..run.seccomp import Notification, Supervisor
+from .channel import Connection, ControlServer
 
 log = logging.getLogger(__name__)
 REBOOT_MAGIC2 = {uapi.LINUX_REBOOT_MAGIC2, uapi.LINUX_REBOOT_MAGIC2A, uapi.LINUX_REBOOT_MAGIC2B,
                  uapi.LINUX_REBOOT_MAGIC2C}
 
 
-def file_rows(files: dict[int, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for token, pf in sorted(files.items()):
-        try:
-            size = pf.ops.size
-        except (OSError, AttributeError):
-            size = None
-        rows.append({"token": token, "state": pf.state.label, "size": size, "restored": pf.restored})
-    return rows
-
-
 class Runtime:
     """Control plane of one emulator (a leaf beside the device, never on the ioctl path)."""
 
-    def __init__(self, server: Any, device: LiveUpdateDevice, *, gid: int = 0):
+    def __init__(self, server: Any, device: EmulatedDevice, *, gid: int = 0):
         self.server = server
         self.device = device
         self.runs: set[Connection] = set()
@@ -66,7 +56,7 @@ class Runtime:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        d, core = self.device, self.device.core
+        d = self.device
         opener = None
         if d.opener is not None:
             try:
@@ -76,13 +66,9 @@ class Runtime:
         return {
             "device": self.server.device_path,
             "transport": self.server.transport_name,
-            "abi": d.profile.NAME,
-            "state": core.state.label,
-            "update_count": core.update_count,
-            "kho_finalized": core.kho_finalized,
+            "abi": d.profile.name,
             "opener_pid": opener,
-            "outgoing": file_rows(core.outgoing),
-            "incoming": file_rows(core.incoming),
+            **d.profile.status(d.core),
             "emulator_pid": os.getpid(),
             "runs": sorted(c.pid for c in self.runs),
         }
@@ -97,12 +83,12 @@ class Runtime:
             live = self.device.kexec()
         except OSError as e:
             return {"ok": False, "errno": e.errno, "error": os.strerror(e.errno or 0)}
-        core = self.device.core
-        result = {"ok": True, "live": live, "state": core.state.label, "update_count": core.update_count}
+        st = self.device.profile.status(self.device.core)
+        result = {"ok": True, "live": live, "state": st.get("state"), "update_count": st.get("update_count")}
         for c in list(self.runs):
             c.send({"event": "kexec", **result})
-        log.info("kexec: %s, state=%s, update_count=%d", "live update" if live else "plain kexec",
-                 core.state.label, core.update_count)
+        log.info("kexec: %s, state=%s, update_count=%s", "live update" if live else "plain kexec",
+                 result["state"], result["update_count"])
         return result
 
     def _kexec(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -115,12 +101,12 @@ class Runtime:
 
     # -- tracing and fault injection (cusedev.trace, cusedev.inject) ------------------------------
     def _trace(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        from . import trace
+        from ..tracing import record as trace
 
         return trace.control(self.device, msg)
 
     def _inject(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        from .inject import RuleError
+        from ..tracing.inject import RuleError
 
         inj = self.device.injector
         if msg.get("clear"):
@@ -199,27 +185,3 @@ class Runtime:
                 return
             await asyncio.sleep(0.01)
         n.reply(error=errno.EIO)
-
-
-def format_status(st: dict[str, Any]) -> str:
-    """The human form of ``Runtime.status()`` for `cusedev status`."""
-
-    def files(rows: list[dict[str, Any]]) -> str:
-        if not rows:
-            return "none"
-        return "\n" + "\n".join(
-            f"  token {r['token']:<20} {r['state']:<9} {r['size'] if r['size'] is not None else '?':>12} bytes"
-            + ("  restored" if r.get("restored") else "")
-            for r in rows
-        )
-
-    lines = [
-        f"device:       {st['device']} (transport {st['transport']}, abi {st['abi']}, pid {st['emulator_pid']})",
-        f"state:        {st['state']}",
-        f"update_count: {st['update_count']}",
-        f"kho:          {'finalized' if st['kho_finalized'] else 'not finalized'}",
-        f"opener:       {'pid ' + str(st['opener_pid']) if st['opener_pid'] else 'none'}",
-        f"outgoing:     {files(st['outgoing'])}",
-        f"incoming:     {files(st['incoming'])}",
-    ]
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ import errno
 import os
 from typing import Any
 
-from .device import NeedRetry
+from .seam import NeedRetry
 
 __all__ = ["ProcessVmMemory", "RetryMemory", "PAGE_SIZE", "CUSE_MAX_IOCTL_BYTES", "FUSE_IOCTL_MAX_IOV"]
 

@@ -4,12 +4,12 @@ In-process use (tests, other front ends sharing the loop)::
 
     server = Server("/dev/liveupdate", transport="auto")
     await server.start()          # raises ServeError with a one-line reason
-    ...                           # server.loop, server.handler, server.add_session(...)
+    ...                           # server.loop, server.handler, server.add_connection(...)
     await server.stop()
 
 or ``await serve(path, ...)`` which runs until SIGINT/SIGTERM.  Another FUSE
-filesystem joins the same loop with ``wire.Session(fd, ops).start()`` — or
-``server.add_session(session)`` so that ``stop()`` stops it too — and any
+filesystem joins the same loop with ``wire.Connection(fd, ops).start()`` — or
+``server.add_connection(connection)`` so that ``stop()`` stops it too — and any
 other component with ``server.add_cleanup(async_fn)``.
 """
 
@@ -26,9 +26,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .device import DeviceHandler
-from .transport import TransportError
-from .wire import Session
+from ..device.seam import DeviceHandler
+from ..fuse.wire import Connection
+from ..transport import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class ServeError(Exception):
 def load_handler(spec: str | None) -> DeviceHandler:
     """A handler from ``module:factory`` (default: the LUO device)."""
     if not spec:
-        from .handles import LiveUpdateDevice
+        from ..device.openfiles import EmulatedDevice
 
-        return LiveUpdateDevice()
+        return EmulatedDevice()
     mod, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(mod), attr or "Handler")
@@ -56,7 +56,7 @@ def load_handler(spec: str | None) -> DeviceHandler:
 
 def choose_transport(requested: str) -> str:
     """``auto`` → cuse if /dev/cuse is usable (after modprobe), else fuse with one warning."""
-    from .transport.cuse import cuse_available
+    from ..transport.cuse import cuse_available
 
     if requested not in TRANSPORTS:
         raise ServeError(f"unknown transport {requested!r}")
@@ -85,7 +85,7 @@ class Server:
         self.memory = memory
         self.transport: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._sessions: list[Session] = []
+        self._connections: list[Connection] = []
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stopped = False
         self.runtime: Any = None
@@ -99,13 +99,13 @@ class Server:
         return self.transport.name if self.transport else self.requested_transport
 
     @property
-    def session(self) -> Session:
-        """The device's wire session (its ``closed`` future ends when the kernel drops us)."""
-        return self.transport.session
+    def connection(self) -> Connection:
+        """The device's FUSE connection (its ``closed`` future ends when the kernel drops us)."""
+        return self.transport.connection
 
-    def add_session(self, session: Session) -> None:
-        """Stop another wire session (e.g. a sysfs tree) together with this server."""
-        self._sessions.append(session)
+    def add_connection(self, connection: Connection) -> None:
+        """Stop another FUSE connection (e.g. a sysfs tree) together with this server."""
+        self._connections.append(connection)
 
     def add_cleanup(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``await fn()`` on stop, before the device goes away (last added, first run)."""
@@ -118,22 +118,23 @@ class Server:
         if self.handler is None:
             self.handler = load_handler(None)
         if self.state_dir is not None:
-            from .statedir import StateDir
-
+            profile = getattr(self.handler, "profile", None)
+            if profile is None or profile.state_dir is None:
+                raise ServeError(f"--state-dir: the ABI profile {getattr(profile, 'name', '?')} keeps no state dir")
             try:
-                StateDir(self.state_dir, self.handler.core).attach()  # type: ignore[attr-defined]
+                profile.state_dir(self.state_dir, self.handler.core).attach()  # type: ignore[attr-defined]
             except (OSError, ValueError) as e:
                 raise ServeError(f"--state-dir {self.state_dir}: {e}") from e
         name = choose_transport(self.requested_transport)
         if name == "cuse":
-            from .transport.cuse import CuseTransport
+            from ..transport.cuse import CuseTransport
 
             self.transport = CuseTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
                                            gid=self.gid, memory=self.memory)
         else:
             if not os.path.exists("/dev/fuse"):
                 raise ServeError("/dev/fuse missing: FUSE is not usable")
-            from .transport.fusefile import FuseFileTransport
+            from ..transport.fusefile import FuseFileTransport
 
             self.transport = FuseFileTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
                                                gid=self.gid)
@@ -153,14 +154,19 @@ class Server:
     async def start_sysfs(self, mode: str = "auto", root: str | None = None) -> Any:
         """The sysfs tree (kernel/liveupdate/...) at ``root`` on this loop, removed on stop."""
         from . import paths
-        from .sysfs import SysfsError, start_sysfs
+        from .sysfs import SysfsError, attributes, start_sysfs
 
         core = getattr(self.handler, "core", None)
-        if core is None:
+        profile = getattr(self.handler, "profile", None)
+        if core is None or profile is None:
             return None  # a stub handler: nothing to show
+        attrs = attributes(profile.sysfs(core))
+        if not attrs:
+            log.info("the ABI profile %s has no sysfs attributes", profile.name)
+            return None
         root = root or os.path.join(paths.runtime_dir(self.device_path), "sys")
         try:
-            self.sysfs = await start_sysfs(root, core, mode)
+            self.sysfs = await start_sysfs(root, core, attrs, mode)
         except SysfsError as e:
             raise ServeError(str(e)) from e
         self.add_cleanup(self.sysfs.stop)
@@ -168,11 +174,11 @@ class Server:
 
     async def start_runtime(self) -> Any:
         """The control plane (control socket, kexec, `cusedev run` supervision) beside the device."""
-        from .control import ControlError
-        from .handles import LiveUpdateDevice
+        from ..device.openfiles import EmulatedDevice
+        from .channel import ControlError
         from .runtime import Runtime
 
-        if not isinstance(self.handler, LiveUpdateDevice):
+        if not isinstance(self.handler, EmulatedDevice):
             return None
         self.runtime = Runtime(self, self.handler, gid=self.gid)
         try:
@@ -182,7 +188,7 @@ class Server:
         return self.runtime
 
     async def stop(self) -> None:
-        """Idempotent: cleanups, extra sessions, then the device (node/mounts removed, fds closed)."""
+        """Idempotent: cleanups, extra connections, then the device (node/mounts removed, fds closed)."""
         if self._stopped:
             return
         self._stopped = True
@@ -192,15 +198,15 @@ class Server:
                 await fn()
             except Exception:
                 log.exception("cleanup failed")
-        for s in self._sessions:
+        for s in self._connections:
             s.stop()
         if self.transport is not None:
             await self.transport.stop()
 
     async def wait_closed(self) -> None:
         """Until the kernel ends the device's connection (unmount, abort)."""
-        if self.transport is not None and self.session.closed is not None:
-            await asyncio.shield(self.session.closed)
+        if self.transport is not None and self.connection.closed is not None:
+            await asyncio.shield(self.connection.closed)
 
     async def __aenter__(self) -> Server:
         await self.start()

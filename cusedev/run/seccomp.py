@@ -30,7 +30,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import uapi
+from .. import uapi
 
 __all__ = [
     "Notification",

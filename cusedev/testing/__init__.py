@@ -1,0 +1,1 @@
+"""For tests of LUO clients: ``Emulator`` (a device on a private path) and the pytest plugin."""
