@@ -139,14 +139,17 @@ class Case:
     check: Callable[[H], None]
     before: Callable[[H], None] | None = None
     profiles: tuple[str, ...] = ("6.19", "7.2")
+    real_only: bool = False  # needs real fds of the emulator's node (open through /proc, fstat...)
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(*, before: Callable[[H], None] | None = None, profiles: tuple[str, ...] = ("6.19", "7.2")) -> Any:
+def case(
+    *, before: Callable[[H], None] | None = None, profiles: tuple[str, ...] = ("6.19", "7.2"), real_only: bool = False
+) -> Any:
     def deco(fn: Callable[[H], None]) -> Callable[[H], None]:
-        CASES[fn.__name__] = Case(fn.__name__, fn, before, profiles)
+        CASES[fn.__name__] = Case(fn.__name__, fn, before, profiles, real_only)
         return fn
 
     return deco
@@ -534,6 +537,50 @@ def only_unreleased_sessions_cross(h: H) -> None:
     h.close(s)
 
 
+# ============================ fd properties (section 2, 6): real fds only ==============================
+@case(real_only=True)
+def reopen_through_proc(h: H) -> None:
+    assert h.err_open(f"/proc/self/fd/{h.dev}") == errno.EBUSY  # type: ignore[attr-defined]
+    s = h.create("reopen")
+    assert h.err_open(f"/proc/self/fd/{s}") == errno.ENXIO  # type: ignore[attr-defined]
+    h.close(s)
+
+
+@case(real_only=True)
+def session_fd_flags_and_vfs_ops(h: H) -> None:
+    s = h.create("fd-flags")
+    assert fcntl.fcntl(s, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    assert fcntl.fcntl(s, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    for op in (lambda: os.read(s, 1), lambda: os.write(s, b"x")):
+        try:
+            op()
+            raise AssertionError("read/write on a session fd succeeded")
+        except OSError as e:
+            assert e.errno == errno.EINVAL, e
+    d = os.dup(s)  # a dup is the same session
+    buf = gn_buf()
+    if new72(h):
+        h.ioctl(d, G.cmd, buf)
+        assert bytes(buf[8:17]) == b"fd-flags\0"
+    h.close(s)
+    assert h.err(h.dev, C.cmd, create_buf("fd-flags")) == errno.EEXIST  # the dup keeps it alive
+    os.close(d)
+    h.settle()  # type: ignore[attr-defined]
+    h.close(h.create("fd-flags"))
+
+
+@case(real_only=True)
+def device_close_keeps_sessions(h: H) -> None:
+    s = h.create("outlives-device")
+    os.close(h.dev)
+    h.dev = os.open(h.path, os.O_RDWR | os.O_CLOEXEC)  # type: ignore[attr-defined]
+    assert h.err(h.dev, C.cmd, create_buf("outlives-device")) == errno.EEXIST
+    if new72(h):
+        buf = gn_buf()
+        h.ioctl(s, G.cmd, buf)
+    h.close(s)
+
+
 # ====================================== harness: the model ============================================
 class _FakeMemory:
     """The caller's memory for the model harness: one buffer at a fixed address; elsewhere EFAULT."""
@@ -675,11 +722,11 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def run_cases(h: H, stage: int, only: list[str] | None = None) -> dict[str, str]:
+def run_cases(h: H, stage: int, real: bool = False) -> dict[str, str]:
     """Stage 1: every ``before``; stage 2: every ``check``; returns case -> "ok" or the failure."""
     out = {}
     for c in CASES.values():
-        if h.rules.name not in c.profiles or (only and c.name not in only):
+        if h.rules.name not in c.profiles or (c.real_only and not real):
             continue
         fn = c.before if stage == 1 else c.check
         if fn is None:
@@ -692,8 +739,90 @@ def run_cases(h: H, stage: int, only: list[str] | None = None) -> dict[str, str]
     return out
 
 
-def case_ids(abi: str) -> list[str]:
-    return [c.name for c in CASES.values() if abi in c.profiles]
+def case_ids(abi: str, real: bool = False) -> list[str]:
+    return [c.name for c in CASES.values() if abi in c.profiles and (real or not c.real_only)]
+
+
+# ====================================== harness: real syscalls ========================================
+class SyscallHarness(H):
+    """Real ioctl() on the emulator's node from this process (which runs under `cusedev run`)."""
+
+    def __init__(self, abi: str, path: str):
+        import ctypes
+
+        self.rules = RULES[abi]
+        self.path = path
+        self.dev = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.kept: list[int] = []
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._ioctl = libc.ioctl
+        self._ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+        self._ctypes = ctypes
+
+    def ioctl(self, fd: int, cmd: int, buf: bytearray | None) -> bytearray | None:
+        ct = self._ctypes
+        if buf is None:
+            r = self._ioctl(fd, cmd, None)
+        else:
+            cbuf = (ct.c_char * len(buf)).from_buffer(buf)
+            r = self._ioctl(fd, cmd, ct.addressof(cbuf))
+        if r < 0:
+            e = ct.get_errno()
+            raise OSError(e, os.strerror(e))
+        return buf
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        self.settle()
+
+    def settle(self) -> None:
+        """FUSE sends RELEASE after close() returns: one device round trip lets it be served first."""
+        self.err(self.dev, 0xBA7F, None)
+
+    def keep(self, fd: int) -> None:
+        self.kept.append(fd)
+
+    def err_open(self, path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            return e.errno or -1
+        os.close(fd)
+        return 0
+
+    @contextlib.contextmanager
+    def no_free_fd(self) -> Iterator[None]:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = {int(n) for n in os.listdir("/proc/self/fd")}
+        lowest = next(n for n in range(len(used) + 2) if n not in used)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def main(argv: list[str]) -> int:
+    """The program of the syscall harness: ``--stage N --abi A --device PATH`` (under `cusedev run`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--abi", required=True)
+    ap.add_argument("--device", required=True)
+    a = ap.parse_args(argv)
+    h = SyscallHarness(a.abi, a.device)
+    results = run_cases(h, a.stage, real=True)
+    print(json.dumps(results), flush=True)
+    if a.stage == 1:  # hold every session fd (and kept memfd) across the kexec, as the selftests' daemon does
+        if os.fork() == 0:
+            os.setsid()
+            devnull = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            while True:
+                __import__("time").sleep(60)
+    return 0
 
 
 # ====================================== tests: model harness ==========================================
@@ -714,3 +843,35 @@ def _model_results(abi: str) -> dict[str, str]:
 @pytest.mark.parametrize(("abi", "name"), [(a, c) for a in ("6.19", "7.2") for c in case_ids(a)])
 def test_model_harness(abi: str, name: str) -> None:
     assert _model_results(abi)[name] == "ok"
+
+
+# ====================================== tests: real syscalls ==========================================
+_REAL_RESULTS: dict[str, dict[str, str]] = {}
+
+
+def _real_results(abi: str) -> dict[str, str]:
+    """Stage 1 under `cusedev run`, `cusedev kexec`, stage 2 under `cusedev run`, on a fresh emulator."""
+    if abi not in _REAL_RESULTS:
+        from session_emulator import SessionEmulator  # noqa: I001
+
+        with SessionEmulator(abi) as emu:
+            prog = [sys.executable, str(Path(__file__).resolve()), "--abi", abi, "--device", emu.path]
+            out: dict[str, str] = {}
+            for stage in (1, 2):
+                if stage == 2:
+                    emu.kexec()
+                r = emu.run([*prog, "--stage", str(stage)], capture_output=True, text=True, timeout=300)
+                assert r.returncode == 0, f"stage {stage}: rc {r.returncode}\n{r.stdout}\n{r.stderr}\n{emu.log()}"
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                out.update(got if stage == 2 else {k: v for k, v in got.items() if v != "ok"})
+        _REAL_RESULTS[abi] = out
+    return _REAL_RESULTS[abi]
+
+
+@pytest.mark.parametrize(("abi", "name"), [(a, c) for a in ("6.19", "7.2") for c in case_ids(a, real=True)])
+def test_real_syscalls(abi: str, name: str) -> None:
+    assert _real_results(abi)[name] == "ok"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
