@@ -1,38 +1,28 @@
 """Start ``cusedev serve`` in a subprocess for tests, and clean up whatever it leaves even on failure.
 
-Use from a test module::
-
-    from _server import ServerProc, served_device  # noqa: F401  (fixture)
-
-``served_device`` yields a running ``ServerProc`` on a unique path under the
-test's tmp dir with the transport under test.  ``ServerProc(...).start()``
-for anything else; always pair with ``stop()``/``kill()`` (``ServerProc`` is
-a context manager).
+The emulator fixtures built on it (``emulator``, ``shared_emulator``) live in
+conftest.py.  ``ServerProc(...).start()`` for anything else; always pair with
+``stop()``/``kill()`` (``ServerProc`` is a context manager).
 """
 
 from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cusedev.control.paths import control_socket, escape
 
 REPO = Path(__file__).resolve().parent.parent
 # The VM run is software-emulated (TCG) and may share 2 CPUs with other VMs: Python
 # start-up alone can take tens of seconds there.
-_IN_VM = os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse") == "cuse"
-READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "180" if _IN_VM else "30"))
-EXIT_TIMEOUT = 180.0 if _IN_VM else 30.0
+IN_VM = os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse") == "cuse"
+READY_TIMEOUT = float(os.environ.get("CUSEDEV_TEST_READY_TIMEOUT", "180" if IN_VM else "30"))
+EXIT_TIMEOUT = 180.0 if IN_VM else 30.0
 
 
 def mounts_mentioning(*paths: str) -> list[str]:
@@ -149,22 +139,52 @@ class ServerProc:
             self.proc.stdout.close()
 
 
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A fresh directory every user can traverse (pytest's tmp_path is 0700: non-root tests need this)."""
-    d = Path(tempfile.mkdtemp(prefix="cusedev-test-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        for p in d.iterdir():
-            force_cleanup(str(p))
-        shutil.rmtree(d, ignore_errors=True)
+def assert_clean_log(text: str) -> None:
+    """Nothing a client does may put a traceback or an error line into the emulator's log."""
+    assert "Traceback" not in text, text[-4000:]
+    assert "ERROR" not in text and "Exception" not in text, text[-4000:]
 
 
-@pytest.fixture
-def served_device(public_dir: Path, transport_name: str) -> Iterator[ServerProc]:
-    """A running emulator at ``<public_dir>/liveupdate`` on the transport under test."""
-    with ServerProc(str(public_dir / "liveupdate"), transport_name) as srv:
-        srv.start()
-        yield srv
+def assert_clean_stop(srv: ServerProc) -> None:
+    """SIGTERM ends the emulator with exit 0 and a clean log."""
+    assert srv.stop() == 0, srv.stderr()
+    assert_clean_log(srv.stderr())
+
+
+def mounts_below(directory: str) -> list[str]:
+    """Lines of /proc/mounts whose mount point is ``directory`` or below it."""
+    top = os.path.abspath(directory)
+    with open("/proc/mounts") as f:
+        return [line.strip() for line in f
+                if (mp := line.split()[1].replace("\\040", " ")) == top or mp.startswith(top + "/")]
+
+
+def reset(srv: ServerProc, release_timeout: float = 60.0 if IN_VM else 20.0) -> None:
+    """Bring a running emulator back to a freshly booted machine: nobody holding the device, no
+    `cusedev run` attached, state normal, update_count 0, no outgoing or incoming file, KHO not
+    finalized, and only the injection rules it was started with.  A plain kexec does the state
+    part, as it would on a kernel; everything goes through the control socket (no new process)."""
+    from cusedev import control
+    from cusedev.client import LiveUpdateDevice
+
+    assert srv.proc is not None and srv.proc.poll() is None, f"the emulator died: {srv.stderr()}"
+    dev = srv.device
+    deadline = time.monotonic() + release_timeout
+    while (st := control.request(dev, "status"))["opener_pid"] is not None or st["runs"]:
+        assert time.monotonic() < deadline, f"a test left the device open or a `cusedev run` attached: {st}"
+        time.sleep(0.02)
+    if st["state"] == "prepared":
+        with LiveUpdateDevice(dev) as d:
+            d.cancel()
+        while (st := control.request(dev, "status"))["opener_pid"] is not None:
+            assert time.monotonic() < deadline, f"the reset's own handle was not released: {st}"
+            time.sleep(0.02)
+    if st["state"] != "normal" or st["update_count"] or st["outgoing"] or st["incoming"]:
+        assert control.request(dev, "kexec")["ok"]
+    control.request(dev, "kho", finalized=False)
+    rules = [a for i, a in enumerate(srv.argv[1:], 1) if srv.argv[i - 1] == "--inject"]
+    control.request(dev, "inject", rules=rules, clear=True)
+    st = control.request(dev, "status")
+    fresh = (st["state"], st["update_count"], st["outgoing"], st["incoming"], st["kho_finalized"], st["runs"])
+    assert fresh == ("normal", 0, [], [], False, []), f"the emulator could not be reset: {st}"
+

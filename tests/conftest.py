@@ -1,17 +1,44 @@
-"""Shared pytest configuration for the cusedev test suite.
+"""Shared pytest configuration and fixtures of the cusedev test suite.
 
-The suite runs twice (see scripts/test-all): on the host over the FUSE-file
-transport, and inside a VM over real CUSE.  ``CUSEDEV_TEST_TRANSPORT`` says
-which one this run is for.
+The suite runs in two phases (see scripts/test-all and docs/testing.md, "Which tests run where, and
+why"): the HOST phase runs every test over the FUSE-file transport; the VM phase runs only the tests
+marked ``vm`` (``pytest -m vm``), inside a TCG guest over real CUSE, because there each Python start
+costs seconds.  ``CUSEDEV_TEST_TRANSPORT`` says which transport this run is for.
+
+Emulator fixtures (one family, ``cusedev serve`` subprocesses as ``_server.ServerProc``):
+
+``emulator``
+    A fresh emulator for this test at ``<public_dir>/liveupdate``.
+``shared_emulator``
+    One emulator per module (a start is one interpreter start), reset after each test to a freshly
+    booted machine.  Use it unless the test stops, kills or restarts the emulator, or needs it in a
+    place of its own.
+
+Both take their ``serve`` arguments from an indirect parameter
+(``@pytest.mark.parametrize("emulator", [("--mode", "0660")], indirect=True)``) or else from the
+closest ``@pytest.mark.serve(*args)`` marker (a module's ``pytestmark`` for ``shared_emulator``);
+``{dir}`` in an argument is the emulator's own directory.
+
+Seeds: the randomised tests (fuzz, crash) take their seed from the ``seeds`` fixture; the header of
+every run prints them and ``CUSEDEV_FUZZ_SEED`` / ``CUSEDEV_CRASH_SEED`` set them to reproduce a run.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from _server import ServerProc, assert_clean_stop, force_cleanup, mounts_below, reset
 
 TRANSPORTS = ("fuse", "cuse")
+#: name of a seeded test family -> the environment variable that fixes its seed
+SEED_VARS = {"fuzz": "CUSEDEV_FUZZ_SEED", "crash": "CUSEDEV_CRASH_SEED"}
+SEEDS_KEY = pytest.StashKey[dict[str, int]]()
 
 
 def _transport_from_env() -> str:
@@ -23,6 +50,12 @@ def pytest_configure(config: pytest.Config) -> None:
     name = _transport_from_env()
     if name not in TRANSPORTS:
         raise pytest.UsageError(f"CUSEDEV_TEST_TRANSPORT={name!r}: expected one of {', '.join(TRANSPORTS)}")
+    # Chosen once per run, so that the header can print them before any test uses them.
+    seeds = {}
+    for family, var in SEED_VARS.items():
+        given = os.environ.get(var, "").strip()
+        seeds[family] = int(given, 0) if given else random.randrange(1 << 32)
+    config.stash[SEEDS_KEY] = seeds
     # The fixtures of cusedev's pytest plugin (liveupdate_emulator, liveupdate_device) for a source
     # checkout too; an installed cusedev has already loaded it through its pytest11 entry point.
     import cusedev.pytest_plugin as plugin
@@ -31,11 +64,88 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(plugin, "cusedev")
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"cusedev transport: {_transport_from_env()}"
+def _seed_line(config: pytest.Config) -> str:
+    seeds = config.stash[SEEDS_KEY]
+    return "cusedev seeds: " + " ".join(f"{SEED_VARS[f]}={s}" for f, s in seeds.items())
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"cusedev transport: {_transport_from_env()}", _seed_line(config)]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    # Again at the end, where a failure's reader looks (the header may have scrolled away).
+    terminalreporter.write_line(_seed_line(config) + "  (set them to reproduce this run)")
 
 
 @pytest.fixture(scope="session")
 def transport_name() -> str:
     """The transport under test: ``"fuse"`` (host) or ``"cuse"`` (VM)."""
     return _transport_from_env()
+
+
+@pytest.fixture(scope="session")
+def seeds(pytestconfig: pytest.Config) -> dict[str, int]:
+    """This run's seeds by family (``"fuzz"``, ``"crash"``), printed in the header and the summary."""
+    return pytestconfig.stash[SEEDS_KEY]
+
+
+def _public_dir() -> Path:
+    # pytest's tmp_path is 0700: a non-root client could not reach a device below it
+    d = Path(tempfile.mkdtemp(prefix="cusedev-test-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def _remove_public_dir(d: Path) -> None:
+    for p in d.iterdir():
+        force_cleanup(str(p))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A fresh directory every user can traverse, with whatever a server left below it removed after."""
+    d = _public_dir()
+    try:
+        yield d
+    finally:
+        _remove_public_dir(d)
+
+
+def _serve_args(request: pytest.FixtureRequest, where: Path) -> list[str]:
+    """The ``serve`` arguments of an emulator fixture: indirect parameter, else the closest marker."""
+    if hasattr(request, "param"):
+        args = tuple(request.param)
+    else:
+        marker = request.node.get_closest_marker("serve")
+        args = marker.args if marker else ()
+    return [str(a).replace("{dir}", str(where)) for a in args]
+
+
+@pytest.fixture
+def emulator(request: pytest.FixtureRequest, public_dir: Path, transport_name: str) -> Iterator[ServerProc]:
+    """A fresh ``cusedev serve`` for this test at ``<public_dir>/liveupdate``."""
+    with ServerProc(str(public_dir / "liveupdate"), transport_name, *_serve_args(request, public_dir)) as srv:
+        srv.start()
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def _module_emulator(request: pytest.FixtureRequest, transport_name: str) -> Iterator[ServerProc]:
+    d = _public_dir()
+    try:
+        with ServerProc(str(d / "liveupdate"), transport_name, *_serve_args(request, d)) as srv:
+            srv.start()
+            yield srv
+            assert_clean_stop(srv)
+        assert mounts_below(str(d)) == [], "the emulator left mounts behind"
+    finally:
+        _remove_public_dir(d)
+
+
+@pytest.fixture
+def shared_emulator(_module_emulator: ServerProc) -> Iterator[ServerProc]:
+    """The module's emulator, reset to a freshly booted machine after the test."""
+    yield _module_emulator
+    reset(_module_emulator)

@@ -44,7 +44,7 @@ from _hostile import (
     set_event,
     status,
 )
-from _server import REPO, ServerProc, mounts_mentioning, public_dir  # noqa: F401  (fixture)
+from _server import REPO, ServerProc, mounts_mentioning
 
 from cusedev import control
 
@@ -53,23 +53,13 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 TIMEOUT = 300 if IN_VM else 60
 
 
-@pytest.fixture(scope="module")
-def emu(transport_name: str):
-    """One emulator for the client-side scenarios (each start costs seconds in the VM)."""
-    import shutil
-    import tempfile
+pytestmark = pytest.mark.serve("--inject", "GET_FD_STATE:delay=30s")  # the module's shared_emulator
 
-    d = tempfile.mkdtemp(prefix="cusedev-crash-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        with ServerProc(os.path.join(d, "liveupdate"), transport_name,
-                        "--inject", "GET_FD_STATE:delay=30s") as srv:
-            srv.start()
-            yield srv
-            assert srv.stop() == 0
-            assert_clean_log(srv.stderr())
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+
+@pytest.fixture
+def emu(shared_emulator: ServerProc) -> ServerProc:
+    """One emulator for the client-side scenarios (each start costs seconds in the VM)."""
+    return shared_emulator
 
 
 def _wait_released(dev: str, timeout: float = 20.0) -> dict:
@@ -113,9 +103,10 @@ def _looper(dev: str, ready_w: int) -> None:
         i += 1
 
 
-def test_client_killed_at_random_times(emu: ServerProc) -> None:
+@pytest.mark.vm
+def test_client_killed_at_random_times(emu: ServerProc, seeds: dict[str, int]) -> None:
     """A client looping ioctls is SIGKILLed at random points, many times: the emulator carries on."""
-    seed = int(os.environ.get("CUSEDEV_CRASH_SEED", random.randrange(1 << 30)))
+    seed = seeds["crash"]
     rng = random.Random(seed)
     pid0 = emu.proc.pid  # type: ignore[union-attr]
     base_fds = fd_count(pid0)
@@ -141,6 +132,7 @@ def test_client_killed_at_random_times(emu: ServerProc) -> None:
     assert fd_count(pid0) <= base_fds + 2, f"seed {seed}: emulator fds grew"
 
 
+@pytest.mark.vm
 def test_killed_holding_the_device_with_prepared_files(emu: ServerProc) -> None:
     r, w = os.pipe()
 
@@ -174,6 +166,7 @@ def test_killed_holding_the_device_with_prepared_files(emu: ServerProc) -> None:
     _check_serving(emu)
 
 
+@pytest.mark.vm
 def test_killed_while_blocked_in_a_delayed_ioctl(emu: ServerProc) -> None:
     """GET_FD_STATE is delayed 30 s by fault injection: the caller dies inside it."""
     r, w = os.pipe()
@@ -262,8 +255,8 @@ def _gone(path: str) -> None:
     assert not os.path.lexists(path), f"{path} left behind"
 
 
-@pytest.mark.parametrize("when", ["idle", "open-client", "ioctl-loop"])
-def test_emulator_sigterm_sigint(public_dir: Path, transport_name: str, when: str) -> None:  # noqa: F811
+@pytest.mark.parametrize("when", ["idle", "open-client", pytest.param("ioctl-loop", marks=pytest.mark.vm)])
+def test_emulator_sigterm_sigint(public_dir: Path, transport_name: str, when: str) -> None:
     sig = {"idle": signal.SIGTERM, "open-client": signal.SIGINT, "ioctl-loop": signal.SIGTERM}[when]
     dev = str(public_dir / "liveupdate")
     child = None
@@ -294,7 +287,8 @@ def test_emulator_sigterm_sigint(public_dir: Path, transport_name: str, when: st
     _gone(dev)
 
 
-def test_emulator_sigkill_then_restart(public_dir: Path, transport_name: str) -> None:  # noqa: F811
+@pytest.mark.vm
+def test_emulator_sigkill_then_restart(public_dir: Path, transport_name: str) -> None:
     """A SIGKILLed emulator leaves mounts/nodes; the next serve clears them (with a log line) and serves."""
     dev = str(public_dir / "liveupdate")
     with ServerProc(dev, transport_name) as srv:

@@ -1,4 +1,4 @@
-"""The machine really is what the test phase claims (see scripts/test-all)."""
+"""The machine really is what the test phase claims (see scripts/test-all); in both phases (``vm``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import stat
 
 import pytest
+
+pytestmark = pytest.mark.vm
 
 DEVICE_FOR = {"cuse": "/dev/cuse", "fuse": "/dev/fuse"}
 

@@ -3,6 +3,11 @@ failure report, the systemd unit and ``serve``'s readiness notification.
 
 Python start-up is expensive in the CI VM, so one in-process emulator serves the client examples and
 only what needs its own process (`cusedev run`, a pytest session, `cusedev serve`) spawns one.
+
+The VM phase (``vm``) runs the examples as a user runs them on CUSE: the C and Python client tours, the
+prepare/kexec/restore cycles (restored under `cusedev run` in the guest) and the VMM project's tests on
+the plugin's fixtures.  The plugin's own session and failure report, the systemd unit and ``serve``'s
+readiness protocol do not depend on the transport and run on the host only.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from cusedev.control import server
 EXAMPLES = REPO / "examples"
 TIMEOUT = 300
 sys.path.insert(0, str(EXAMPLES))
-from test_vmm_example import (  # noqa: E402  (collected here: the VMM example runs with the suite)
-    test_guest_ram_survives_live_update,  # noqa: F401
-    test_vmm_survives_a_failed_freeze,  # noqa: F401
-)
+import test_vmm_example  # noqa: E402  (collected here: the VMM example runs with the suite)
+
+test_guest_ram_survives_live_update = pytest.mark.vm(test_vmm_example.test_guest_ram_survives_live_update)
+test_vmm_survives_a_failed_freeze = pytest.mark.vm(test_vmm_example.test_vmm_survives_a_failed_freeze)
 
 
 def _emulator_mounts() -> set[str]:
@@ -110,6 +115,7 @@ def _tour_ops(out: str) -> list[str]:
     return [re.sub(r"fd=\d+", "fd=N", line) for line in out.splitlines()[1:]]
 
 
+@pytest.mark.vm
 def test_c_client_tour(emu: Emulator, luo_client_c: str) -> None:
     p = subprocess.run([luo_client_c, "tour", emu.path], capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -118,6 +124,7 @@ def test_c_client_tour(emu: Emulator, luo_client_c: str) -> None:
     assert emu.status()["state"] == "normal" and emu.status()["outgoing"] == []
 
 
+@pytest.mark.vm
 def test_python_client_tour_matches_c(emu: Emulator, luo_client_c: str, luo_client_py) -> None:
     out = io.StringIO()
     assert luo_client_py.main(["tour", emu.path], out=out) == 0, out.getvalue()
@@ -125,6 +132,7 @@ def test_python_client_tour_matches_c(emu: Emulator, luo_client_c: str, luo_clie
     assert _tour_ops(out.getvalue()) == _tour_ops(c.stdout)
 
 
+@pytest.mark.vm
 def test_c_client_prepare_kexec_restore(emu: Emulator, luo_client_c: str) -> None:
     held = subprocess.Popen([luo_client_c, "prepare", emu.path, "0x77"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -146,6 +154,7 @@ def test_c_client_prepare_kexec_restore(emu: Emulator, luo_client_c: str) -> Non
     assert emu.status()["state"] == "normal"
 
 
+@pytest.mark.vm
 def test_python_client_prepare_kexec_restore(emu: Emulator, luo_client_py) -> None:
     class KexecOnEnter(io.StringIO):
         def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
@@ -180,10 +189,11 @@ def test_passes(liveupdate_emulator, liveupdate_device):
 
 def test_plugin_session_and_failure_report(tmp_path: Path, transport_name: str) -> None:
     """A session that loads only our plugin (-p, as the entry point would): fixtures, marker, the failure
-    report, and the complete example in README.md (so it keeps working)."""
+    report, and the complete example of the docs (so it keeps working)."""
     (tmp_path / "test_user.py").write_text(textwrap.dedent(FAILING_TEST))
-    m = re.search(r"```python\n(# test_live_update.py.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert m, "README.md has the complete example"
+    docs = "".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    m = re.search(r"```python\n(# test_live_update.py.*?)```", docs, re.S)
+    assert m, "README.md or docs/*.md has the complete example"
     (tmp_path / "test_live_update.py").write_text(m.group(1))
     before = _emulator_mounts()
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "CUSEDEV_TEST_TRANSPORT": transport_name,

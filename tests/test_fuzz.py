@@ -13,8 +13,9 @@ luo-v3.md written here independently of ``cusedev.core``; every few
 thousand calls the emulator's state (status), liveness, fd count and RSS are
 checked.  Its stderr must hold no traceback at the end.
 
-Knobs: CUSEDEV_FUZZ_IOCTLS (default 100000 on the host, 4000 in the VM),
-CUSEDEV_FUZZ_SEED (default random; printed on failure).
+Knobs: CUSEDEV_FUZZ_IOCTLS (default 100000 on the host, 4000 in the VM: the
+bounded fuzz on CUSE, ``vm``), CUSEDEV_FUZZ_SEED (default random; printed in
+the header and summary of every run, and in a failure's message).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 from _hostile import IN_VM, alive, assert_clean_log, fd_count, knob, open_retry, rss_kb, status
-from _server import ServerProc, public_dir  # noqa: F401  (fixture)
+from _server import ServerProc
 
 from cusedev import control
 from cusedev.device.memory import CUSE_MAX_IOCTL_BYTES
@@ -411,8 +413,9 @@ class Fuzzer:
         assert got == want, f"{where}: emulator {got} != model {want}"
 
 
-def test_fuzz_ioctls(public_dir: Path, transport_name: str, tmp_path: Path) -> None:  # noqa: F811
-    seed = int(os.environ.get("CUSEDEV_FUZZ_SEED", random.randrange(1 << 32)))
+@pytest.mark.vm
+def test_fuzz_ioctls(public_dir: Path, transport_name: str, tmp_path: Path, seeds: dict[str, int]) -> None:
+    seed = seeds["fuzz"]
     dev = str(public_dir / "liveupdate")
     with ServerProc(dev, transport_name) as srv:
         srv.start()

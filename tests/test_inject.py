@@ -1,5 +1,8 @@
-# ruff: noqa: F811  (pytest fixtures imported from _server are redefined as parameters)
-"""Fault injection through real clients: each rule kind, its errno and the side effects of the real failure."""
+"""Fault injection through real clients: each rule kind, its errno and the side effects of the real failure.
+
+Host only, but for the delayed calls answered meanwhile (``vm``): on CUSE each of them is a retry round
+trip whose state the emulator must keep while the others are answered.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _server import ServerProc, public_dir, served_device  # noqa: F401  (fixtures)
+from _server import ServerProc
 from test_trace import cli, records, wait_for
 
 from cusedev import uapi as U
@@ -52,8 +55,8 @@ def test_ioctl_error_when_2plus_traced_and_replayed(public_dir: Path, tmp_path: 
         assert "(2 injected faults skipped): 0 divergences" in r.stdout
 
 
-def test_when_n_and_step_at_runtime_then_clear(served_device: ServerProc) -> None:
-    dev = served_device.device
+def test_when_n_and_step_at_runtime_then_clear(shared_emulator: ServerProc) -> None:
+    dev = shared_emulator.device
     r = cli("inject", "GET_STATE:error=EAGAIN:when=2", "LIVEUPDATE_IOCTL_SET_EVENT:error=EPERM:when=1+2",
             "--device", dev, check=True)
     assert "GET_STATE:error=EAGAIN:when=2  (hits 0)" in r.stdout
@@ -99,8 +102,8 @@ def test_prepare_error_leaves_normal(public_dir: Path, transport_name: str) -> N
             os.close(fd)
 
 
-def test_kexec_error_back_to_normal(served_device: ServerProc) -> None:
-    dev = served_device.device
+def test_kexec_error_back_to_normal(shared_emulator: ServerProc) -> None:
+    dev = shared_emulator.device
     cli("inject", "kexec:error=EBUSY", "--device", dev, check=True)
     with LiveUpdateDevice(dev) as d:
         fd = os.memfd_create("t")
@@ -115,9 +118,10 @@ def test_kexec_error_back_to_normal(served_device: ServerProc) -> None:
         os.close(fd)
 
 
-def test_delay_does_not_hold_up_other_calls(served_device: ServerProc) -> None:
+@pytest.mark.vm
+def test_delay_does_not_hold_up_other_calls(shared_emulator: ServerProc) -> None:
     """Exclusive open: the concurrent call comes from another thread on the same open file."""
-    dev = served_device.device
+    dev = shared_emulator.device
     cli("inject", "GET_FD_STATE:delay=300ms", "SET_FD_EVENT:error=EAGAIN:delay=200ms", "--device", dev, check=True)
     with LiveUpdateDevice(dev) as d:
         fd = os.memfd_create("t")

@@ -1,5 +1,10 @@
 """The whole live-update cycle (issue 3): emulated kexec, restore under `cusedev run`, the counter,
 revoked handles, control/status, --state-dir restarts, and the VMM example — all through real syscalls.
+
+One emulator serves the module (``shared_emulator``, reset after each test).  The VM phase runs the two
+tests where `cusedev run` restores fds from the device (the seccomp launcher on the transport under
+test: a trapped FD_RESTORE on a CUSE node) and the VMM walkthrough; the control plane, the CLI and
+the state dir do not depend on the transport and run on the host only.
 """
 
 from __future__ import annotations
@@ -45,10 +50,8 @@ def status(dev: str) -> dict:
 
 
 @pytest.fixture
-def emu(tmp_path: Path, transport_name: str):
-    with ServerProc(str(tmp_path / "liveupdate"), transport_name) as srv:
-        srv.start()
-        yield srv
+def emu(shared_emulator: ServerProc) -> ServerProc:
+    return shared_emulator
 
 
 def prepare_and_kexec(dev: str, files: list[tuple[int, int, int, int]]) -> list[dict]:
@@ -103,6 +106,7 @@ def test_counter_three_updates_then_reset(emu) -> None:
     assert cli("kexec", "--device", dev).stdout.split()[-1] == "update_count=0"
 
 
+@pytest.mark.vm
 def test_restore_under_run(emu) -> None:
     dev = emu.device
     sent = prepare_and_kexec(dev, [(0x10, 3 << 20, 1, 12345), (0x20, 4096, 2, 0), (0x30, 8192, 3, 7)])
@@ -233,10 +237,11 @@ def test_state_dir_restart(tmp_path: Path, transport_name: str, where: str) -> N
     assert json.load(open(os.path.join(sd, "state.json")))["state"] == State.NORMAL
 
 
-def test_no_state_dir_writes_nothing(emu, tmp_path: Path) -> None:
-    before = set(os.listdir(tmp_path))
-    prepare_and_kexec(emu.device, [(1, 4096, 1, 0)])
-    assert set(os.listdir(tmp_path)) == before
+def test_no_state_dir_writes_nothing(emulator: ServerProc) -> None:
+    where = os.path.dirname(emulator.device)  # the emulator's own directory
+    before = set(os.listdir(where))
+    prepare_and_kexec(emulator.device, [(1, 4096, 1, 0)])
+    assert set(os.listdir(where)) == before
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +252,7 @@ def vmm_demo(tmp_path_factory) -> str:
     return exe
 
 
+@pytest.mark.vm
 def test_vmm_demo_256mib(emu, vmm_demo: str) -> None:
     dev = emu.device
     s1 = cli("run", "--device", dev, "--", vmm_demo, "stage1", "-d", dev, "-s", "256")
@@ -268,15 +274,15 @@ def test_run_needs_an_emulator(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no emulator is serving" in r.stderr
 
 
-def test_sigterm_while_run_attached(emu) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "cusedev", "run", "--device", emu.device, "--", "sleep", "600"],
+def test_sigterm_while_run_attached(emulator: ServerProc) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "cusedev", "run", "--device", emulator.device, "--", "sleep", "600"],
                          env=ENV, cwd=REPO)
     try:
         for _ in range(100):
-            if status(emu.device)["runs"]:
+            if status(emulator.device)["runs"]:
                 break
             time.sleep(0.05)
-        assert emu.stop(signal.SIGTERM) == 0
+        assert emulator.stop(signal.SIGTERM) == 0
     finally:
         p.kill()
         p.wait()

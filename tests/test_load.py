@@ -1,6 +1,9 @@
 """Load (issue 7.3): open races, concurrent threads of one opener, and a long mixed run without growth.
 
 CUSEDEV_LOAD_SECONDS sets the mixed run's length (60 on the host, 10 in the VM).
+One emulator serves the module (``shared_emulator``; its exit status and log are checked at the end).
+The open race and the threads of one opener run in the VM phase too (``vm``): concurrent opens and
+concurrent retry rounds of one open file are CUSE's own paths; the mixed run is host only.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import signal
 import struct
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from _hostile import (
@@ -25,7 +27,6 @@ from _hostile import (
     SET_FD_EVENT,
     UNPRESERVE,
     alive,
-    assert_clean_log,
     fd_count,
     fork,
     get_state,
@@ -39,7 +40,7 @@ from _hostile import (
     set_event,
     status,
 )
-from _server import ServerProc, public_dir  # noqa: F401  (fixture)
+from _server import ServerProc
 
 LOAD_SECONDS = knob("CUSEDEV_LOAD_SECONDS", 60, 10)
 RACERS = int(knob("CUSEDEV_LOAD_RACERS", 24, 8))
@@ -47,16 +48,17 @@ THREADS = 4
 STATES = {b"normal\n", b"prepared\n"}
 
 
+pytestmark = pytest.mark.serve("--sysfs-root", "{dir}/sys")  # the module's shared_emulator
+
+
 @pytest.fixture
-def emu(public_dir: Path, transport_name: str):  # noqa: F811
-    with ServerProc(str(public_dir / "liveupdate"), transport_name, "--sysfs-root", str(public_dir / "sys")) as srv:
-        srv.start()
-        srv.sysfs_state = str(public_dir / "sys/kernel/liveupdate/state")  # type: ignore[attr-defined]
-        yield srv
-        assert srv.stop() == 0
-        assert_clean_log(srv.stderr())
+def emu(shared_emulator: ServerProc) -> ServerProc:
+    where = os.path.dirname(shared_emulator.device)
+    shared_emulator.sysfs_state = os.path.join(where, "sys/kernel/liveupdate/state")  # type: ignore[attr-defined]
+    return shared_emulator
 
 
+@pytest.mark.vm
 def test_open_race_exactly_one_wins(emu: ServerProc) -> None:
     for _round in range(3):
         go_r, go_w = os.pipe()
@@ -96,6 +98,7 @@ def test_open_race_exactly_one_wins(emu: ServerProc) -> None:
         os.close(open_retry(emu.device))  # the winner's close freed the device
 
 
+@pytest.mark.vm
 def test_threads_of_one_opener(emu: ServerProc) -> None:
     """Each thread works its own tokens through the shared fd: every answer is the sequential one."""
     fd = open_retry(emu.device)

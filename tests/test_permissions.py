@@ -2,6 +2,10 @@
 
 Non-root callers are forked children that drop to uid/gid 65534 (or a test
 group) before the syscall under test, so no new interpreter is started.
+One emulator serves the module (``shared_emulator``, traced; its exit status and log are checked at
+the end).  Whose memory and fds a call uses is read by the kernel on CUSE (retry iovecs) and by
+the emulator on the FUSE file, so that test runs in the VM phase too (``vm``); node modes on CUSE
+are covered by test_transport.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import pytest
 from _hostile import (
     GET_FD_STATE,
     GET_STATE,
-    assert_clean_log,
     fork,
     ioctl,
     libc,
@@ -31,7 +34,7 @@ from _hostile import (
     reap,
     status,
 )
-from _server import ServerProc, public_dir  # noqa: F401  (fixture)
+from _server import ServerProc
 
 from cusedev import control
 from cusedev.control import paths
@@ -75,15 +78,13 @@ def _connect_errno(path: str) -> int:
         return e.errno or 254
 
 
+pytestmark = pytest.mark.serve("--trace", "{dir}/trace.jsonl")  # the module's shared_emulator
+
+
 @pytest.fixture
-def emu(public_dir: Path, transport_name: str):  # noqa: F811
-    trace = public_dir / "trace.jsonl"
-    with ServerProc(str(public_dir / "liveupdate"), transport_name, "--trace", str(trace)) as srv:
-        srv.start()
-        srv.trace = str(trace)  # type: ignore[attr-defined]
-        yield srv
-        assert srv.stop() == 0
-        assert_clean_log(srv.stderr())
+def emu(shared_emulator: ServerProc) -> ServerProc:
+    shared_emulator.trace = os.path.join(os.path.dirname(shared_emulator.device), "trace.jsonl")  # type: ignore[attr-defined]
+    return shared_emulator
 
 
 def test_default_node_root_only(emu: ServerProc) -> None:
@@ -100,7 +101,7 @@ def test_default_node_root_only(emu: ServerProc) -> None:
     assert _as_user(NOBODY, NOBODY, lambda: _open_errno(emu.trace)) == errno.EACCES  # type: ignore[attr-defined]
 
 
-def test_mode_owner_group(public_dir: Path, transport_name: str) -> None:  # noqa: F811
+def test_mode_owner_group(public_dir: Path, transport_name: str) -> None:
     dev = str(public_dir / "lu-group")
     with ServerProc(dev, transport_name, "--mode", "0660", "--owner", str(NOBODY), "--group", str(GROUP)) as srv:
         srv.start()
@@ -117,6 +118,7 @@ def test_mode_owner_group(public_dir: Path, transport_name: str) -> None:  # noq
         assert srv.stop() == 0
 
 
+@pytest.mark.vm
 def test_fd_and_pointer_of_another_process(emu: ServerProc) -> None:
     """FD_PRESERVE pulls the fd number from the caller only; arg is read in the caller only."""
     r, w = os.pipe()
@@ -189,7 +191,7 @@ def test_tokens_of_other_and_revoked_handles(emu: ServerProc) -> None:
         os.close(m)
 
 
-def test_run_refuses_a_non_root_emulator(public_dir: Path) -> None:  # noqa: F811
+def test_run_refuses_a_non_root_emulator(public_dir: Path) -> None:
     """`cusedev run` checks SO_PEERCRED of the control socket: a socket served by uid 65534 is refused."""
     dev = str(public_dir / "fake")
     path = paths.control_socket(dev)

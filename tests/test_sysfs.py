@@ -1,8 +1,9 @@
 """The sysfs shim through real syscalls: tree, modes, errnos, sysfs_notify poll semantics, the fallback.
 
-Each test starts ``cusedev serve`` (``_server.ServerProc``) with the device on
-the transport under test and the sysfs tree under the test's directory; the
-tree is a FUSE mount on the host and in the CUSE VM alike.  Where the host's
+The tests share the module's ``cusedev serve`` (``shared_emulator``) with the
+sysfs tree under its directory, unless they need a server of their own.  The
+tree is a FUSE mount whatever the device's transport, so the module runs on
+the host only (not ``vm``).  Where the host's
 own /sys is writable (as on a normal machine), errnos and poll masks are
 also checked against a real kernfs attribute, so the table below is the
 kernel's, not ours.
@@ -15,26 +16,22 @@ import errno
 import os
 import re
 import select
-import shutil
 import signal
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import _server
 import pytest
-from _server import READY_TIMEOUT, REPO, ServerProc, force_cleanup, mounts_mentioning
+from _server import READY_TIMEOUT, REPO, ServerProc, force_cleanup, mounts_mentioning, reset
 
 from cusedev.client import LiveUpdateDevice
 from cusedev.control import paths
 
-public_dir = _server.public_dir  # fixture
 NOBODY = 65534
 PRI = select.POLLPRI | select.POLLERR
 WATCH = REPO / "examples" / "sysfs_watch.py"
@@ -64,32 +61,16 @@ def _serve(public_dir: Path, transport: str, *args: str, root: Path | None = Non
     return ServerProc(str(public_dir / "liveupdate"), transport, *extra, *args)
 
 
-@pytest.fixture(scope="module")
-def shared_emu(transport_name: str) -> Iterator[Emu]:
-    """One emulator for the tests that leave it as they found it (server start-up is slow in the VM)."""
-    d = Path(tempfile.mkdtemp(prefix="cusedev-sysfs-", dir="/tmp"))
-    d.chmod(0o755)
-    root = d / "sys"
-    try:
-        with _serve(d, transport_name, "--sysfs", "fuse", root=root) as srv:
-            srv.start(START_TIMEOUT)
-            yield Emu(srv, root)
-            assert srv.stop() == 0, srv.stderr()
-        assert mounts_mentioning(str(root)) == [] and not root.exists()
-    finally:
-        for p in d.iterdir():
-            force_cleanup(str(p))
-        shutil.rmtree(d, ignore_errors=True)
+pytestmark = pytest.mark.serve("--sysfs", "fuse", "--sysfs-root", "{dir}/sys")  # the module's shared_emulator
 
 
 @pytest.fixture
-def emu(shared_emu: Emu) -> Iterator[Emu]:
-    """The shared emulator, back to "normal" with nothing open after each test."""
-    yield shared_emu
-    with shared_emu.open() as d:
-        if d.state != d.state.NORMAL:
-            d.cancel()
-    assert shared_emu.state.read_bytes() == b"normal\n"
+def emu(shared_emulator: ServerProc) -> Iterator[Emu]:
+    """The module's emulator (a start is slow in the VM), back to "normal" with nothing open after each test."""
+    e = Emu(shared_emulator, Path(shared_emulator.device).parent / "sys")
+    yield e
+    reset(shared_emulator)
+    assert e.state.read_bytes() == b"normal\n"
 
 
 def kexec(dev: str) -> str:

@@ -1,7 +1,10 @@
-# ruff: noqa: F811  (pytest fixtures imported from _server are redefined as parameters)
 """Traces through real syscalls: record a session of every ioctl (malformed ones too), show it, replay it.
 
-Every emulator is a `cusedev serve` subprocess on the transport under test.
+Every emulator is a `cusedev serve` subprocess on the transport under test, or a Server in this
+process.  The VM phase records and replays the every-ioctl session (on CUSE the tracer sees the
+caller's memory through retry rounds) and checks the flush that answers queued requests (a CUSE
+retry round is another queued request); showing, editing and the CLI's trace commands do not
+depend on the transport and run on the host only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _server import REPO, ServerProc, force_cleanup, public_dir, served_device  # noqa: F401  (fixtures)
+from _server import REPO, ServerProc, force_cleanup
 from clients import PyClient
 
 from cusedev import uapi as U
@@ -129,6 +132,7 @@ def recorded(public_dir: Path, tmp_path: Path, transport_name: str) -> Path:
     return trace
 
 
+@pytest.mark.vm
 def test_record_and_replay_every_ioctl(recorded: Path, public_dir: Path, transport_name: str) -> None:
     assert stat.S_IMODE(recorded.stat().st_mode) == 0o600
     recs = records(recorded)
@@ -208,18 +212,18 @@ def test_show(recorded: Path) -> None:
     assert all(r["name"] == "LIVEUPDATE_IOCTL_FD_PRESERVE" for r in recs[1:])
 
 
-def test_trace_start_stop_at_runtime(served_device: ServerProc, tmp_path: Path) -> None:
+def test_trace_start_stop_at_runtime(shared_emulator: ServerProc, tmp_path: Path) -> None:
     trace = tmp_path / "rt.jsonl"
     old = os.umask(0)
     try:
-        cli("trace", "start", str(trace), "--device", served_device.device, check=True)
+        cli("trace", "start", str(trace), "--device", shared_emulator.device, check=True)
     finally:
         os.umask(old)
     assert stat.S_IMODE(trace.stat().st_mode) == 0o600
     c = PyClient()
-    c.open(served_device.device)
+    c.open(shared_emulator.device)
     assert c.ioctl(GS, enc("get_state"))[1] == 0
-    cli("trace", "stop", "--device", served_device.device, check=True)
+    cli("trace", "stop", "--device", shared_emulator.device, check=True)
     assert c.ioctl(U.LIVEUPDATE_IOCTL_SET_EVENT, enc("set_event", event=9))[1] == errno.EINVAL
     c.quit()
     kinds = [(r["type"], r.get("name")) for r in records(trace)]
@@ -303,6 +307,7 @@ def traced_in_process(dev: Any, path: str, out: Path, transport_name: str, clien
         force_cleanup(path)
 
 
+@pytest.mark.vm
 def test_flush_answers_queued_requests_before_writing(public_dir: Path, transport_name: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A flush that took a while (an FD_PRESERVE record describes the file) answers the requests

@@ -1,8 +1,10 @@
 """The device through real syscalls, on the transport under test (FUSE file on the host, CUSE in the VM).
 
-Every test starts ``cusedev serve`` as a subprocess (see ``_server.py``) and
-talks to it with open/ioctl/read/write/poll from this process or a forked
-child, exactly as a client would.
+Every test drives a ``cusedev serve`` subprocess (see ``_server.py``) with
+open/ioctl/read/write/poll from this process or a forked child, exactly as a
+client would: the module's shared emulator where the test leaves it as it
+found it, a server of its own where the test starts, stops or breaks one.
+All of it is the transport, so all of it runs in the VM phase too (``vm``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ import struct
 import sys
 from pathlib import Path
 
-import _server
 import pytest
 from _server import ServerProc, force_cleanup, mounts_mentioning
 
-served_device = _server.served_device  # fixtures
-public_dir = _server.public_dir
+pytestmark = pytest.mark.vm
 
 GET_STATE = 0xBA03
 NORMAL = 1
@@ -67,29 +67,29 @@ def open_errno(path: str, uid: int | None = None) -> int:
 
 
 # -- the device node -----------------------------------------------------------
-def test_ready_line_and_node(served_device: ServerProc, transport_name: str) -> None:
-    m = re.fullmatch(r"cusedev: (\S+) ready \(transport=(\w+), pid=(\d+)\)", served_device.ready_line)
-    assert m, served_device.ready_line
-    assert m.group(1) == served_device.device and m.group(2) == transport_name
-    assert int(m.group(3)) == served_device.proc.pid  # type: ignore[union-attr]
-    st = os.stat(served_device.device)
+def test_ready_line_and_node(shared_emulator: ServerProc, transport_name: str) -> None:
+    m = re.fullmatch(r"cusedev: (\S+) ready \(transport=(\w+), pid=(\d+)\)", shared_emulator.ready_line)
+    assert m, shared_emulator.ready_line
+    assert m.group(1) == shared_emulator.device and m.group(2) == transport_name
+    assert int(m.group(3)) == shared_emulator.proc.pid  # type: ignore[union-attr]
+    st = os.stat(shared_emulator.device)
     assert (stat.S_ISREG if transport_name == "fuse" else stat.S_ISCHR)(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0 and st.st_gid == 0
 
 
-def test_exclusive_open(served_device: ServerProc) -> None:
-    fd = os.open(served_device.device, os.O_RDWR)
+def test_exclusive_open(shared_emulator: ServerProc) -> None:
+    fd = os.open(shared_emulator.device, os.O_RDWR)
     try:
         with pytest.raises(OSError) as e:
-            os.open(served_device.device, os.O_RDWR)
+            os.open(shared_emulator.device, os.O_RDWR)
         assert e.value.errno == errno.EBUSY
     finally:
         os.close(fd)
-    os.close(os.open(served_device.device, os.O_RDWR))  # free again after close
+    os.close(os.open(shared_emulator.device, os.O_RDWR))  # free again after close
 
 
-def test_ioctl_round_trip(served_device: ServerProc) -> None:
-    fd = os.open(served_device.device, os.O_RDWR)
+def test_ioctl_round_trip(shared_emulator: ServerProc) -> None:
+    fd = os.open(shared_emulator.device, os.O_RDWR)
     try:
         r, out = get_state(fd)
         assert r == 0 and struct.unpack("II", out) == (8, NORMAL)
@@ -108,9 +108,9 @@ def test_ioctl_round_trip(served_device: ServerProc) -> None:
 
 
 @pytest.mark.parametrize("size", [16, 4096, 200 * 1024])
-def test_ioctl_extended_struct(served_device: ServerProc, size: int) -> None:
+def test_ioctl_extended_struct(shared_emulator: ServerProc, size: int) -> None:
     """A larger caller struct: zero tail accepted, nonzero tail E2BIG; 200 KiB exceeds CUSE's retry cap."""
-    fd = os.open(served_device.device, os.O_RDWR)
+    fd = os.open(shared_emulator.device, os.O_RDWR)
     try:
         r, out = get_state(fd, size)
         assert r == 0 and struct.unpack_from("II", out) == (size, NORMAL) and not any(out[8:])
@@ -124,8 +124,8 @@ def test_ioctl_extended_struct(served_device: ServerProc, size: int) -> None:
         os.close(fd)
 
 
-def test_read_write_einval(served_device: ServerProc) -> None:
-    fd = os.open(served_device.device, os.O_RDWR)
+def test_read_write_einval(shared_emulator: ServerProc) -> None:
+    fd = os.open(shared_emulator.device, os.O_RDWR)
     try:
         for op in (lambda: os.read(fd, 16), lambda: os.write(fd, b"x")):
             with pytest.raises(OSError) as e:
@@ -135,8 +135,8 @@ def test_read_write_einval(served_device: ServerProc) -> None:
         os.close(fd)
 
 
-def test_poll_default_mask(served_device: ServerProc) -> None:
-    fd = os.open(served_device.device, os.O_RDWR)
+def test_poll_default_mask(shared_emulator: ServerProc) -> None:
+    fd = os.open(shared_emulator.device, os.O_RDWR)
     try:
         p = select.poll()
         p.register(fd, select.POLLIN | select.POLLOUT | select.POLLPRI)
@@ -146,19 +146,18 @@ def test_poll_default_mask(served_device: ServerProc) -> None:
         os.close(fd)
 
 
-def test_mode_0600_denies_others(served_device: ServerProc) -> None:
-    assert open_errno(served_device.device, uid=NOBODY) == errno.EACCES
-    assert open_errno(served_device.device) == 0
+def test_mode_0600_denies_others(shared_emulator: ServerProc) -> None:
+    assert open_errno(shared_emulator.device, uid=NOBODY) == errno.EACCES
+    assert open_errno(shared_emulator.device) == 0
 
 
-def test_mode_owner_group(public_dir: Path, transport_name: str) -> None:
-    path = str(public_dir / "lu-open")
-    with ServerProc(path, transport_name, "--mode", "0660", "--owner", str(NOBODY), "--group", "0") as srv:
-        srv.start()
-        st = os.stat(path)
-        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, NOBODY, 0)
-        assert open_errno(path, uid=NOBODY) == 0
-        assert open_errno(path, uid=NOBODY + 1) == errno.EACCES
+@pytest.mark.serve("--mode", "0660", "--owner", str(NOBODY), "--group", "0")
+def test_mode_owner_group(emulator: ServerProc) -> None:
+    path = emulator.device
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, NOBODY, 0)
+    assert open_errno(path, uid=NOBODY) == 0
+    assert open_errno(path, uid=NOBODY + 1) == errno.EACCES
 
 
 # -- lifecycle -------------------------------------------------------------------
@@ -180,10 +179,10 @@ def test_signal_cleans_up(tmp_path: Path, transport_name: str, sig: int) -> None
                                       .replace("/", "_"))
 
 
-def test_two_side_by_side(tmp_path: Path, transport_name: str) -> None:
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    with ServerProc(a, transport_name) as sa, ServerProc(b, transport_name) as sb:
-        sa.start()
+def test_two_side_by_side(shared_emulator: ServerProc, tmp_path: Path, transport_name: str) -> None:
+    """A second emulator next to the module's one (which stops cleanly at the end of the module)."""
+    a, b = shared_emulator.device, str(tmp_path / "b")
+    with ServerProc(b, transport_name) as sb:
         sb.start()
         fa, fb = os.open(a, os.O_RDWR), os.open(b, os.O_RDWR)  # exclusive per device, not global
         try:
@@ -191,7 +190,7 @@ def test_two_side_by_side(tmp_path: Path, transport_name: str) -> None:
         finally:
             os.close(fa)
             os.close(fb)
-        assert sa.stop() == 0 and sb.stop() == 0
+        assert sb.stop() == 0
 
 
 def test_dev_path(transport_name: str) -> None:
@@ -221,11 +220,11 @@ def _assert_one_line_error(srv: ServerProc, *words: str) -> None:
         assert w in last, err
 
 
-def test_taken_by_another_emulator(served_device: ServerProc, transport_name: str) -> None:
-    with ServerProc(served_device.device, transport_name, cleanup=False) as second:
+def test_taken_by_another_emulator(shared_emulator: ServerProc, transport_name: str) -> None:
+    with ServerProc(shared_emulator.device, transport_name, cleanup=False) as second:
         second.start(expect_ready=False)
-        _assert_one_line_error(second, served_device.device)
-    fd = os.open(served_device.device, os.O_RDWR)  # the first one still serves
+        _assert_one_line_error(second, shared_emulator.device)
+    fd = os.open(shared_emulator.device, os.O_RDWR)  # the first one still serves
     try:
         assert get_state(fd)[0] == 0
     finally:
