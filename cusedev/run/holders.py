@@ -1,0 +1,94 @@
+"""The processes of `cusedev run` that still hold the emulator's node at a kexec, found and killed.
+
+A reboot ends every process.  The emulated one ends the processes of the
+runs: the launchers kill their trees, but a daemon that detached (setsid,
+its parent gone, as the kernel's selftests leave one holding session fds) is
+in no tree any more.  It is still a process of a run: it carries the run's
+seccomp filter and lacks CAP_SYS_BOOT in its bounding set (``seccomp.spawn``
+drops it), which no ordinary process does.  Such a process that holds an fd
+of our node is killed here, after the kexec carried what it carries, so its
+releases change nothing.  Other holders keep revoked fds (ENODEV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import stat
+import time
+
+log = logging.getLogger(__name__)
+
+_CAP_SYS_BOOT = 22
+
+
+def _is_run_process(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        seccomp = int(fields.get(b"Seccomp", b"0").strip() or 0)
+        capbnd = int(fields.get(b"CapBnd", b"0").strip() or b"0", 16)
+    except (OSError, ValueError):
+        return False
+    return seccomp == 2 and not capbnd >> _CAP_SYS_BOOT & 1
+
+
+def _holds(pid: str, match: tuple[int, int], chr_dev: bool) -> bool:
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for n in names:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if chr_dev:
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == match[0]:
+                return True
+        elif (st.st_dev, st.st_ino) == match:
+            return True
+    return False
+
+
+def run_holders(node: str) -> list[int]:
+    """Pids of `cusedev run` processes holding an fd of ``node`` (the emulator itself excluded)."""
+    try:
+        ref = os.stat(node)
+    except OSError:
+        return []
+    chr_dev = stat.S_ISCHR(ref.st_mode)
+    match = (ref.st_rdev, 0) if chr_dev else (ref.st_dev, ref.st_ino)
+    me = str(os.getpid())
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and pid != me and _is_run_process(pid) and _holds(pid, match, chr_dev):
+            out.append(int(pid))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_run_holders(node: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every run process holding ``node`` and wait until each has exited (or ``timeout``)."""
+    pids = run_holders(node)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if not _gone(p)]
+        if left:
+            time.sleep(0.005)
+    if pids:
+        log.info("kexec: killed %d process(es) of `cusedev run` still holding %s", len(pids), node)
+    return pids
