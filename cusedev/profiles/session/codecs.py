@@ -57,8 +57,12 @@ def format_status(st: Mapping[str, Any]) -> str:
                 out.append(f"    token {f['token']:<20} {size:>12} bytes" + ("  retrieved" if f["retrieved"] else ""))
         return out or ["  none"]
 
+    opener = st.get("opener_pid")
     return "\n".join(
         [
+            f"device:       {st.get('device')} (transport {st.get('transport')}, abi {st.get('abi')}, "
+            f"pid {st.get('emulator_pid')})",
+            f"opener:       {'pid ' + str(opener) if opener else 'none'}",
             f"update_count: {st.get('update_count', 0)}",
             "outgoing sessions:",
             *sessions(st.get("outgoing", [])),
