@@ -294,3 +294,33 @@ def test_fault_injection_enomem(m: SessionModel) -> None:
     m.fault = fault
     assert errno_of(m.create, name("a")) == errno.ENOMEM
     assert m.outgoing == {}
+
+
+def test_state_dir_keeps_carried_sessions(tmp_path: object) -> None:
+    """--state-dir: incoming sessions not yet retrieved survive a restart with bytes, offset and seals."""
+    import os
+
+    from cusedev.profiles.session.memfd import PreservedMemfd
+    from cusedev.profiles.session.statedir import SessionStateDir
+
+    m = SessionModel(RULES_7_2)
+    sd = SessionStateDir(str(tmp_path), m)
+    sd.attach()
+    s = m.create(name("vm"))
+    fd = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+    os.write(fd, b"guest ram")
+    m.preserve(s, 3, lambda: PreservedMemfd(os.dup(fd)))
+    m.create(name("out-only"))
+    m.kexec()
+    m.create(name("new-outgoing"))  # dropped on restart: its fd died with the emulator
+    sd.flush()
+    sd.save()
+    again = SessionModel(RULES_7_2)
+    SessionStateDir(str(tmp_path), again).attach()
+    assert set(again.incoming) == {b"vm", b"out-only"} and not again.outgoing and again.update_count == 1
+    got = again.retrieve(name("vm"))
+    r = again.retrieve_fd(got, 3, lambda obj: obj.rebuild(True))  # type: ignore[attr-defined]
+    assert os.pread(r.fd, 20, 0) == b"guest ram" and os.lseek(r.fd, 0, os.SEEK_CUR) == 9  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        SessionStateDir(str(tmp_path), SessionModel(RULES_6_19)).attach()
+    os.close(fd)

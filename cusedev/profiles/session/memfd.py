@@ -62,6 +62,13 @@ class PreservedMemfd:
         self.seals = seals_of(fd)  # 7.2 reads the seals at PRESERVE
         self.pos = 0
 
+    @classmethod
+    def saved(cls, fd: int, pos: int, seals: int) -> PreservedMemfd:
+        """One loaded back from ``--state-dir`` (a memfd we made of the saved bytes)."""
+        obj = cls(fd)
+        obj.pos, obj.seals = pos, seals
+        return obj
+
     @property
     def fd(self) -> int:
         return self.file.fd

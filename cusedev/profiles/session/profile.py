@@ -28,6 +28,12 @@ def _client() -> type:
     return SessionDevice
 
 
+def _state_dir(path: str, model: SessionModel) -> Any:
+    from .statedir import SessionStateDir
+
+    return SessionStateDir(path, model)
+
+
 def make(rules: Rules, aliases: tuple[str, ...] = ()) -> Profile:
     kinds = {
         "device": Kind("device", base=0, ops=ops.DEVICE_OPS, exclusive=True),
@@ -53,7 +59,7 @@ def make(rules: Rules, aliases: tuple[str, ...] = ()) -> Profile:
         sysfs=codecs.sysfs_attributes,
         client=_client(),
         fault_points=("create", "preserve", "retrieve_fd"),
-        state_dir=None,
+        state_dir=_state_dir,  # type: ignore[arg-type]
         cdefs=("luo_session.h",),
         aliases=aliases,
     )
