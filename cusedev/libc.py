@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
+from typing import Any
 
 #: libc with errno saved after each call (``ctypes.get_errno``)
 libc = ctypes.CDLL(None, use_errno=True)
+
+
+def function(name: str, argtypes: Sequence[Any] | None = None, restype: Any = ctypes.c_int) -> Any:
+    """A libc function object of its own (``libc[name]`` is a new one each time), so that argtypes
+    set by one module never change another's."""
+    fn = libc[name]
+    if argtypes is not None:
+        fn.argtypes = tuple(argtypes)
+    fn.restype = restype
+    return fn
 
 
 def fail(code: int) -> OSError:

@@ -9,8 +9,8 @@ import pytest
 
 from cusedev import uapi
 from cusedev.device.dispatch import dispatch
-from cusedev.profiles.v3 import ops as v3
 from cusedev.profiles.v3.model import Event, LiveUpdateCore, State
+from cusedev.profiles.v3.profile import DEVICE
 
 
 class FakeFile:
@@ -159,13 +159,13 @@ class FakeMemory:
 
 class Ctx:
     def __init__(self) -> None:
-        self.core = LiveUpdateCore()
+        self.core = self.model = LiveUpdateCore()
 
 
 def call(cmd: int, data: bytes, ctx: Ctx | None = None, addr: int = FakeMemory.BASE) -> tuple[int, bytes]:
     mem = FakeMemory(data)
     try:
-        dispatch(v3.OPS, ctx or Ctx(), None, cmd, addr, mem)
+        dispatch(DEVICE, ctx or Ctx(), None, cmd, addr, mem)
         return 0, bytes(mem.buf)
     except OSError as e:
         return e.errno, bytes(mem.buf)

@@ -89,12 +89,12 @@ def test_dispatch_over_retry_rounds_as_traced(size: int, rounds: int, err: int) 
     rounds the kernel is asked for, the reply payload, and what the trace records (size, in, out)."""
     from cusedev.device.dispatch import dispatch
     from cusedev.profiles.v3.model import LiveUpdateCore
-    from cusedev.profiles.v3.ops import OPS
+    from cusedev.profiles.v3.profile import DEVICE as OPS
     from cusedev.tracing.record import Seen
     from cusedev.uapi import LIVEUPDATE_IOCTL_GET_STATE as GS
 
     class Ctx:
-        core = LiveUpdateCore()
+        core = model = LiveUpdateCore()
 
     arg = 0x7000_0000
     caller = struct.pack("=II", size, 0)[:size] + bytes(max(0, size - 8))

@@ -18,13 +18,16 @@ from typing import Any
 
 from .. import uapi
 from ..device import pidfd
+from ..device.fdpass import SeccompInstaller, TrappedCall
 from ..device.memory import ProcessVmMemory
-from ..device.openfiles import EmulatedDevice, Proxy, SeccompInstaller
+from ..device.openfiles import EmulatedDevice
 from ..device.seam import Caller
 from ..run.seccomp import Notification, Supervisor
 from .channel import Connection, ControlServer
 
 log = logging.getLogger(__name__)
+#: how often a trapped call in progress checks that its task is still waiting (seconds)
+TRAPPED_POLL = 0.2
 REBOOT_MAGIC2 = {uapi.LINUX_REBOOT_MAGIC2, uapi.LINUX_REBOOT_MAGIC2A, uapi.LINUX_REBOOT_MAGIC2B,
                  uapi.LINUX_REBOOT_MAGIC2C}
 
@@ -42,16 +45,23 @@ class Runtime:
              "trace": self._trace, "inject": self._inject},
             gid=gid,
         )
-        self.supervisors: list[Any] = []
+        self.supervisors: list[Supervisor] = []
+        self._waiters: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         await self.control.start()
         self.server.add_cleanup(self.stop)
 
+    def _forget(self, sup: Supervisor) -> None:
+        if sup in self.supervisors:
+            self.supervisors.remove(sup)
+
     async def stop(self) -> None:
-        for sup in self.supervisors:
+        for sup in list(self.supervisors):
             sup.close()
         self.supervisors.clear()
+        for w in list(self._waiters):
+            w.cancel()
         await self.control.stop()
 
     # -- status ----------------------------------------------------------------------------------
@@ -128,6 +138,11 @@ class Runtime:
         sup = Supervisor(fds[0], self._on_ioctl, self._on_reboot, name=f"run-{c.pid}")
         sup.start()
         self.supervisors.append(sup)
+        # the list holds the running ones only: a supervisor leaves it when its listener closes
+        done = asyncio.ensure_future(sup.wait_closed())
+        done.add_done_callback(lambda _f: self._forget(sup))
+        self._waiters.add(done)
+        done.add_done_callback(self._waiters.discard)
         self.runs.add(c)
         c.on_close.append(lambda: self.runs.discard(c))
         return {"ok": True}
@@ -143,13 +158,14 @@ class Runtime:
         return (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino)
 
     async def _on_ioctl(self, n: Notification) -> None:
-        """FD_RESTORE from a `cusedev run` process: re-issue it on the caller's own open file.
+        """A trapped fd-returning ioctl of a `cusedev run` process: re-issue it on the caller's own open file.
 
         The ioctl is repeated from a worker thread on a pidfd_getfd copy of the
-        caller's fd, so it reaches the very session the caller opened; the
-        device recognises the worker and works on the caller's memory, and the
-        new fd is installed with SECCOMP_IOCTL_NOTIF_ADDFD.  Foreign fds go on
-        to the kernel untouched.
+        caller's fd, so it reaches the very open file the caller has; it carries
+        the cookie of its ``TrappedCall`` (the real caller, its memory, an
+        installer bound to this notification), and the new fd is installed with
+        SECCOMP_IOCTL_NOTIF_ADDFD.  Foreign fds go on to the kernel untouched.
+        If the trapped task dies meanwhile, the call is cancelled.
         """
         fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
         try:
@@ -161,12 +177,19 @@ class Runtime:
             if not self._is_device(dup):
                 n.continue_()
                 return
-            proxy = Proxy(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n))
-            loop = asyncio.get_running_loop()
-            err = await loop.run_in_executor(None, self.device.proxied_ioctl, dup, n.args[1], n.args[2], proxy)
+            call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
+            work = asyncio.ensure_future(self.device.run_trapped(dup, n.args[1], call))
+            while not work.done():
+                await asyncio.wait([work], timeout=TRAPPED_POLL)
+                if not work.done() and not n.valid():
+                    call.cancel()  # the caller died: its reply is EINTR, read by nobody
+            err = work.result()
         finally:
             os.close(dup)
-        n.reply(error=err) if err else n.reply(0)
+        if n.valid():
+            n.reply(error=err) if err else n.reply(0)
+        else:
+            n.answered = True
 
     async def _on_reboot(self, n: Notification) -> None:
         """reboot(LINUX_REBOOT_CMD_KEXEC) from a `cusedev run` process is the emulated kexec."""

@@ -143,6 +143,8 @@ class Server:
         except TransportError as e:
             self.transport = None
             raise ServeError(str(e)) from e
+        if hasattr(self.handler, "node_path"):
+            self.handler.node_path = self.device_path  # the profile's own opens (session files) go here
         log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
         if self.sysfs_mode is not None:
             try:

@@ -1,188 +1,204 @@
-"""The device behind every transport: open descriptions, exclusive open, revocation, fd traffic.
+"""The device behind every transport: open files of each kind, exclusive open, revocation, fd traffic.
 
-``EmulatedDevice`` is the ``DeviceHandler`` the transports call.  It keeps
-one ``OpenFile`` per open file description, enforces the single opener (EBUSY),
-drops outgoing files when the opener goes away, and hands each ioctl to the
-ABI profile's table with the open file as context.  Moving fds in and out of
-the caller (pidfd_getfd in, an ``FdInstaller`` out) lives here too, so ABI
-handlers stay a few lines each.
+``EmulatedDevice`` is the ``DeviceHandler`` the transports call.  Every open
+file of the emulator's node is an ``OpenFile`` with a kind of the running
+profile (``"device"`` for a client's open(); others for the files the
+profile's fd-returning commands make of the node) and that kind's ioctl
+table.  The device enforces exclusive open per kind (EBUSY), runs the kind's
+release when the last reference goes, runs each ioctl through its interceptor
+chain to the table-driven dispatcher, and offers handlers the fd services of
+``cusedev.profiles.base.DeviceServices``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import errno
+import inspect
 import logging
 import os
-import resource
-import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .. import profiles
 from ..libc import fail
-from ..tracing.inject import Injector
-from . import pidfd
+from . import fdpass, pidfd
 from .dispatch import dispatch
-from .memfd import ShmemFile, check_usable
+from .fdpass import TrappedCall
+from .intercept import Call, Fault, Interceptor, chain
 from .seam import Caller, CallerMemory, FdInstaller, einval
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_ioctl = _libc.ioctl
-_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
-_ioctl.restype = ctypes.c_int
-
-
-class SeccompInstaller:
-    """Installs into a process stopped in a seccomp notification (SECCOMP_IOCTL_NOTIF_ADDFD)."""
-
-    def __init__(self, notification: Any):
-        self.n = notification
-
-    def reserve(self, caller: Caller) -> None:
-        """The kernel takes an fd number before any check: EMFILE when the table is full."""
-        try:
-            st = pidfd.status_values(caller.tid, (b"Tgid:", b"FDSize:"))
-            tgid = st[b"Tgid:"]
-            soft, _hard = resource.prlimit(tgid, resource.RLIMIT_NOFILE)
-            # Every fd number from the table's size up is free: if that size is below the limit a
-            # number is left, and the O(open fds) listing below (quadratic over a restore-all of
-            # thousands of fds) is not needed.
-            if soft == resource.RLIM_INFINITY or st[b"FDSize:"] < soft:
-                return
-            used = len(os.listdir(f"/proc/{tgid}/fd"))
-        except OSError:
-            return
-        if soft != resource.RLIM_INFINITY and used >= soft:
-            raise fail(errno.EMFILE)
-
-    def install(self, caller: Caller, fd: int) -> int:
-        return int(self.n.addfd(fd, os.O_CLOEXEC))
-
-
-@dataclass(slots=True)
-class Proxy:
-    """An ioctl the emulator re-issues for a process under `cusedev run` (see ``Runtime._on_ioctl``)."""
-
-    caller: Caller
-    memory: CallerMemory
-    installer: FdInstaller
-
 
 class OpenFile:
-    """One open file description of the device; the ``ctx`` of every ABI handler."""
+    """One open file description of the emulator's node: the ``file`` of every handler."""
 
-    __slots__ = ("fh", "device", "core", "revoked")
+    __slots__ = ("fh", "kind", "table", "bound", "model", "device", "revoked")
 
-    def __init__(self, fh: int, device: EmulatedDevice):
+    def __init__(self, fh: int, kind: profiles.Kind, bound: Any, device: EmulatedDevice):
         self.fh = fh
+        self.kind = kind.name
+        self.table = kind
+        self.bound = bound
+        self.model = device.core
         self.device = device
-        self.core = device.core
         self.revoked = False
 
-    def preserve(self, caller: Caller, fd: int, token: int) -> None:
-        """FD_PRESERVE: EBADF (fd), then the core's EBUSY / ENOENT / EEXIST."""
-        try:
-            ours = pidfd.getfd(caller.tid, fd)
-        except OSError as e:
-            raise fail(errno.EBADF) from e
-        check_usable(ours)
-        probed = False
-
-        def probe() -> ShmemFile:
-            nonlocal probed
-            probed = True
-            return ShmemFile.probe(ours)
-
-        try:
-            self.core.preserve(token, probe)
-        except OSError:
-            if not probed:
-                os.close(ours)
-            raise
-
-    def restore(self, caller: Caller, token: int) -> int:
-        """FD_RESTORE: reserve an fd, the core's checks, then install a new description."""
-        installer = self.device.installer_for(caller)
-        if installer is not None:
-            installer.reserve(caller)
-        pf = self.core.restore(token)
-        if installer is None:
-            self.device.warn_no_installer()
-            raise fail(errno.EOPNOTSUPP)
-        assert isinstance(pf.ops, ShmemFile)
-        fd = pf.ops.reopen()
-        try:
-            newfd = installer.install(caller, fd)
-        finally:
-            os.close(fd)
-        self.core.mark_restored(pf)
-        return newfd
+    @property
+    def core(self) -> Any:
+        """The model (its older name)."""
+        return self.model
 
 
 class EmulatedDevice:
-    """``DeviceHandler`` for /dev/liveupdate: one core, one ABI profile, any number of transports."""
+    """``DeviceHandler`` of the emulated /dev/liveupdate: one model, one ABI profile, any transports."""
 
     def __init__(self, core: Any = None, profile: str = profiles.DEFAULT):
         self.profile = profiles.get(profile)
+        #: the profile's model (state machine and registries)
         self.core: Any = core if core is not None else self.profile.model()
-        self.ops = self.profile.kinds["device"].ops
+        self.core.fault = self._fault_point  # type: ignore[method-assign]  # the model's hook (Model.fault)
+        self.kinds = self.profile.kinds
+        self.ops = self.kinds["device"].ops
         self.files: dict[int, OpenFile] = {}
-        self.opener: OpenFile | None = None
+        #: kind name -> the open file holding an exclusive kind
+        self.holders: dict[str, OpenFile] = {}
+        #: the path of the node, set by the server: the profile's own opens (``open_own``) use it
+        self.node_path: str | None = None
+        #: installer for callers that are not trapped calls (None: EOPNOTSUPP outside `cusedev run`)
         self.installer: FdInstaller | None = None
-        self.proxies: dict[int, Proxy] = {}  # worker thread id -> the `cusedev run` call it carries
+        #: `cusedev run` calls in flight, by cookie (created and dropped on the loop thread)
+        self.trapped: dict[int, TrappedCall] = {}
         self.on_open: list[Callable[[Caller], None]] = []
-        #: wraps every ioctl when set (tracing, fault injection); None keeps the hot path bare
-        self.interceptor: Callable[..., int | Awaitable[int]] | None = None
-        #: ``cusedev.trace.Tracer`` while recording (open/release/read/write/kexec events); else None
+        #: the interceptor chain (outermost first), and its ioctl path: None keeps the hot path bare
+        self.chain: list[Interceptor] = []
+        self.interceptor: Callable[[Call], int | Awaitable[int]] | None = None
+        #: ``cusedev.tracing.record.Tracer`` while recording, else None
         self.tracer: Any = None
-        #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``)
-        self.injector = Injector(self)
         #: each FUSE connection's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
         self.pumps: list[Callable[[], None]] = []
         self.opener_tid = 0
         self._next_fh = 1
-        self._warned = False
+        self._own: tuple[str, Any] | None = None
+        self._own_lock: asyncio.Lock | None = None
+        self._warned: set[str] = set()
+        from ..tracing.inject import Injector
+
+        #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``), a chain member
+        self.injector = Injector(self)
+
+    @property
+    def opener(self) -> OpenFile | None:
+        """The open file holding the device kind (None: the node is free)."""
+        return self.holders.get("device")
+
+    # -- the interceptor chain -------------------------------------------------------------------
+    def add_interceptor(self, member: Interceptor) -> None:
+        if member not in self.chain:
+            self.chain.append(member)
+            self.chain.sort(key=lambda m: m.order)
+        self.refresh()
+
+    def remove_interceptor(self, member: Interceptor) -> None:
+        if member in self.chain:
+            self.chain.remove(member)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the ioctl path after a member joined, left, or changed what it wants."""
+        self.interceptor = chain(self.chain, self._terminal)
+
+    def _terminal(self, call: Call) -> int | Awaitable[int]:
+        """The end of the chain: the open file's table."""
+        if call.fail:
+            raise fail(call.fail)
+        f = self.files.get(call.fh)
+        if f is None or f.revoked:
+            raise fail(errno.ENODEV)
+        return dispatch(f.table, f, call.caller, call.cmd, call.arg, call.mem)
+
+    def _fault_point(self, point: str) -> None:
+        """The model's fault hook: the first member that fails ``point`` wins; all hear of it."""
+        for m in self.chain:
+            fault = m.fault(point)
+            if fault is not None:
+                for other in self.chain:
+                    other.faulted(fault)
+                raise OSError(fault.errno, f"{errno.errorcode.get(fault.errno, fault.errno)} (injected)")
 
     # -- DeviceHandler ---------------------------------------------------------------------------
     def open(self, caller: Caller, flags: int) -> int:
-        if self.opener is not None:
-            if self.tracer is not None:
-                self.tracer.open(caller, flags, 0, errno.EBUSY)
+        kind_name, bound = "device", None
+        if self._own is not None and self._is_own(caller):
+            (kind_name, bound), self._own = self._own, None
+        kind = self.kinds[kind_name]
+        if kind.exclusive and kind_name in self.holders:
+            for m in self.chain:
+                m.opened(caller, flags, 0, errno.EBUSY)
             raise fail(errno.EBUSY)
         fh = self._next_fh
         self._next_fh += 1
-        self.opener = self.files[fh] = OpenFile(fh, self)
-        self.opener_tid = caller.tid
-        for cb in self.on_open:
-            cb(caller)
-        if self.tracer is not None:
-            self.tracer.open(caller, flags, fh, 0)
+        f = self.files[fh] = OpenFile(fh, kind, bound, self)
+        if kind.exclusive:
+            self.holders[kind_name] = f
+        if kind_name == "device":
+            self.opener_tid = caller.tid
+            for cb in self.on_open:
+                cb(caller)
+        for m in self.chain:
+            m.opened(caller, flags, fh, 0)
         return fh
 
     def release(self, fh: int) -> None:
-        s = self.files.pop(fh, None)
-        if self.tracer is not None:
-            self.tracer.release(fh)
-        if s is not None and s is self.opener:
-            self.opener = None
-            self.core.drop_outgoing()
+        f = self.files.pop(fh, None)
+        for m in self.chain:
+            m.released(fh)
+        if f is None:
+            return
+        if self.holders.get(f.kind) is f:
+            del self.holders[f.kind]
+        if not f.revoked and f.table.release is not None:
+            f.table.release(f)
 
     def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int | Awaitable[int]:
-        if self.proxies:
-            p = self.proxies.get(caller.tid)
-            if p is not None:  # our own worker thread, acting for a `cusedev run` process
-                caller, mem = p.caller, p.memory
-        if self.interceptor is not None:
-            return self.interceptor(self, fh, caller, cmd, arg, mem)
-        # run_ioctl, inlined: this is every plain ioctl's path
-        s = self.files.get(fh)
-        if s is None or s.revoked:
+        if self.trapped:
+            t = self.trapped.get(arg)
+            if t is not None and self._is_own(caller):  # our worker, re-issuing a `cusedev run` call
+                return self._trapped_ioctl(t, fh, cmd)
+        run = self.interceptor
+        if run is not None:
+            return run(Call(fh, caller, cmd, arg, mem))
+        f = self.files.get(fh)  # the bare path: every plain ioctl
+        if f is None or f.revoked:
             raise fail(errno.ENODEV)
-        return dispatch(self.ops, s, caller, cmd, arg, mem)
+        return dispatch(f.table, f, caller, cmd, arg, mem)
+
+    def _trapped_ioctl(self, t: TrappedCall, fh: int, cmd: int) -> int | Awaitable[int]:
+        if t.cancelled:
+            raise fail(errno.EINTR)
+        run = self.interceptor
+        if run is not None:
+            res = run(Call(fh, t.caller, cmd, t.arg, t.memory))
+        else:
+            f = self.files.get(fh)
+            if f is None or f.revoked:
+                raise fail(errno.ENODEV)
+            res = dispatch(f.table, f, t.caller, cmd, t.arg, t.memory)
+        if type(res) is not int and inspect.isawaitable(res):
+            t.task = asyncio.ensure_future(res)
+            return t.task
+        return res
+
+    def read(self, fh: int, caller: Caller, size: int) -> bytes:
+        for m in self.chain:
+            m.rw("read", fh, caller, size, errno.EINVAL)
+        raise einval()
+
+    def write(self, fh: int, caller: Caller, data: bytes) -> int:
+        for m in self.chain:
+            m.rw("write", fh, caller, len(data), errno.EINVAL)
+        raise einval()
 
     def pump(self) -> None:
         """Answer the requests already queued on every transport, without blocking: called by
@@ -191,67 +207,84 @@ class EmulatedDevice:
         for serve in tuple(self.pumps):  # a connection that ends while serving leaves the list
             serve()
 
-    def run_ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int:
-        """The ioctl itself, for an interceptor (tracing, fault injection)."""
-        s = self.files.get(fh)
-        if s is None or s.revoked:
-            raise fail(errno.ENODEV)
-        return dispatch(self.ops, s, caller, cmd, arg, mem)
-
-    def read(self, fh: int, caller: Caller, size: int) -> bytes:
-        if self.tracer is not None:
-            self.tracer.rw("read", fh, caller, size, errno.EINVAL)
-        raise einval()
-
-    def write(self, fh: int, caller: Caller, data: bytes) -> int:
-        if self.tracer is not None:
-            self.tracer.rw("write", fh, caller, len(data), errno.EINVAL)
-        raise einval()
-
     # -- the emulated reboot ---------------------------------------------------------------------
     def kexec(self) -> bool:
-        """reboot(LINUX_REBOOT_CMD_KEXEC): the core's freeze and boot, then every handle is revoked.
+        """reboot(LINUX_REBOOT_CMD_KEXEC): the model's freeze and boot, then every open file is revoked.
 
-        Revoked handles stay open in their processes (which a real kexec would
-        have killed) but every later call fails with ENODEV; the exclusive-open
-        slot is free at once.
+        Revoked files stay open in their processes (which a real kexec would
+        have killed) but every later call fails with ENODEV and their release
+        has no effect; the exclusive-open slots are free at once.
         """
-        if self.tracer is not None:
-            return self.tracer.kexec(self._kexec)
-        return self._kexec()
+        run = self._kexec
+        for m in reversed(self.chain):
+            run = _around(m, run)
+        return run()
 
     def _kexec(self) -> bool:
         live = self.core.kexec()
-        for s in self.files.values():
-            s.revoked = True
-        self.opener = None
+        for f in self.files.values():
+            f.revoked = True
+        self.holders.clear()
         return live
 
+    # -- services for handlers (cusedev.profiles.base.DeviceServices) ----------------------------
+    def take_fd(self, caller: Caller, fd: int) -> int:
+        return fdpass.take_fd(caller, fd)
+
     def installer_for(self, caller: Caller) -> FdInstaller | None:
-        for p in self.proxies.values():
-            if p.caller.tid == caller.tid:
-                return p.installer
+        """The installer of the call being run (a trapped call's, bound to its notification)."""
+        for t in self.trapped.values():
+            if t.caller is caller:
+                return t.installer
         return self.installer
 
-    def proxied_ioctl(self, fd: int, cmd: int, arg: int, proxy: Proxy) -> int:
-        """Run in a worker thread: ioctl on our copy of the caller's fd; returns 0 or the errno.
+    def warn_no_installer(self, what: str = "FD_RESTORE") -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("%s cannot install an fd in a process that is not under `cusedev run`; "
+                        "returning EOPNOTSUPP (run the client with `cusedev run -- CMD`)", what)
 
-        The request comes back to the event loop through the transport like any
-        other; ``ioctl`` recognises this thread and substitutes the real caller.
+    async def open_own(self, kind: str, bound: Any) -> int:
+        """An fd of ours on our own node whose open file has ``kind`` and ``bound`` (see the Protocol).
+
+        The open runs in a worker thread (the loop serves it); one at a time, so
+        the open that arrives from this process is the one announced.
         """
-        tid = threading.get_native_id()
-        self.proxies[tid] = proxy
-        try:
-            if _ioctl(fd, cmd & 0xFFFFFFFF, arg) < 0:
-                return ctypes.get_errno()
-            return 0
-        finally:
-            del self.proxies[tid]
+        if self.node_path is None:
+            raise fail(errno.EOPNOTSUPP)
+        if kind not in self.kinds:
+            raise ValueError(f"{self.profile.name} has no kind {kind!r}")
+        if self._own_lock is None:
+            self._own_lock = asyncio.Lock()
+        async with self._own_lock:
+            self._own = (kind, bound)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, os.open, self.node_path, os.O_RDWR | os.O_CLOEXEC)
+            finally:
+                self._own = None
 
-    def warn_no_installer(self) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning(
-                "FD_RESTORE cannot install an fd in a process that is not under `cusedev run`; "
-                "returning EOPNOTSUPP (run the client with `cusedev run -- CMD`)"
-            )
+    @staticmethod
+    def _is_own(caller: Caller) -> bool:
+        """Whether the request comes from a thread of this process (our own worker)."""
+        try:
+            return pidfd.tgid_of(caller.tid) == os.getpid()
+        except OSError:
+            return False
+
+    # -- `cusedev run` ---------------------------------------------------------------------------
+    async def run_trapped(self, fd: int, cmd: int, t: TrappedCall) -> int:
+        """Re-issue trapped call ``t`` on ``fd`` (our copy of the caller's fd) from a worker thread;
+        returns 0 or the errno.  Called on the loop thread: ``t`` is registered only meanwhile."""
+        self.trapped[t.cookie] = t
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fdpass.reissue, fd, cmd, t.cookie)
+        finally:
+            del self.trapped[t.cookie]
+
+
+def _around(member: Interceptor, run: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: member.kexec(run)
+
+
+__all__ = ["Call", "EmulatedDevice", "Fault", "OpenFile"]

@@ -125,12 +125,22 @@ class DeviceServices(Protocol):
 class OpenFileContext(Protocol):
     """An open file of the emulator, as a handler sees it (``cusedev.device.openfiles.OpenFile``)."""
 
-    fh: int
-    kind: str
-    #: the profile's per-file object: None for the device, e.g. the LUO session a session file is bound to
-    bound: Any
-    model: Any
-    device: DeviceServices
+    @property
+    def fh(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def bound(self) -> Any:
+        """The profile's per-file object: None for the device, e.g. the LUO session a session file is bound to."""
+        ...
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def device(self) -> DeviceServices: ...
 
 
 #: ``handler(file, caller, values)`` -> output fields, None, or an awaitable of either (see the module text)

@@ -9,23 +9,28 @@ Rules::
     kexec:error=ERRNO[:when=...]                       the freeze during reboot(KEXEC) fails
 
 An injected ioctl error is returned before the handler runs, so it has no
-side effects; ``prepare``/``kexec`` faults are raised through
-``LiveUpdateCore.fault`` at the point the real failure happens, so the core
+side effects; fault points (v3: ``prepare``/``kexec``) are answered through
+the model's fault hook at the point the real failure happens, so the model
 rolls back exactly as for a real one (state stays/returns NORMAL).  ``when``
 counts the calls matching the rule (1-based), as strace does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import errno as errno_mod
+import inspect
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..profiles.v3 import uapi
+from .. import profiles
+from ..device.dispatch import touch
+from ..device.intercept import Call, Fault, Interceptor, Proceed
+from ..device.seam import NeedRetry
 
-POINTS = ("prepare", "kexec")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|ms|s)?$")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1e-6}  # strace: bare number = microseconds
 
@@ -50,19 +55,16 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def parse_cmd(text: str) -> int | None:
-    """A command number, or None for ``all``."""
+def parse_cmd(text: str, profile: str | None = None) -> int | None:
+    """A command number (by number, or by name in the profile's names), or None for ``all``."""
     if text == "all":
         return None
     if text.lower().startswith("0x") or text.isdigit():
         return int(text, 0)
-    name = text.upper()
-    if not name.startswith("LIVEUPDATE_IOCTL_"):
-        name = "LIVEUPDATE_IOCTL_" + name
-    for cmd, n in uapi.IOCTL_NAMES.items():
-        if n == name:
-            return cmd
-    raise RuleError(f"unknown command {text!r}")
+    cmd = profiles.get(profile or profiles.DEFAULT).trace.parse_cmd(text)
+    if cmd is None:
+        raise RuleError(f"unknown command {text!r}")
+    return cmd
 
 
 @dataclass(eq=False)
@@ -91,14 +93,15 @@ class Rule:
         return {"rule": self.text, "hits": self.hits}
 
 
-def parse_rule(text: str) -> Rule:
+def parse_rule(text: str, profile: str | None = None) -> Rule:
     parts = text.strip().split(":")
     head, opts = parts[0], parts[1:]
     if not head:
         raise RuleError(f"{text!r}: missing command")
-    target = head.lower() if head.lower() in POINTS else "ioctl"
+    points = profiles.get(profile or profiles.DEFAULT).fault_points
+    target = head.lower() if head.lower() in points else "ioctl"
     rule = Rule(text=text.strip(), target=target, repeat=True)
-    rule.cmd = parse_cmd(head) if target == "ioctl" else None
+    rule.cmd = parse_cmd(head, profile) if target == "ioctl" else None
     when_given = False
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -124,17 +127,28 @@ def parse_rule(text: str) -> Rule:
     return rule
 
 
-class Injector:
-    """The rules of one device; installs the device's interceptor and core fault hook only while needed."""
+class Injector(Interceptor):
+    """The rules of one device: a member of its interceptor chain, outside the tracer.
+
+    An ioctl rule that fires marks the call (``Call.fail``, ``Call.injected``) rather than
+    raising, so members further in (the tracer) see the call fail like any other; a
+    delay holds the call, after a CUSE retry round has fetched its memory.  A fault
+    point rule answers the model's fault hook through the device.
+    """
+
+    order = 10
 
     def __init__(self, device: Any):
         self.device = device
         self.rules: list[Rule] = []
         self.ioctl_rules: list[Rule] = []
-        self._base_fault: Any = None
+
+    @property
+    def wants_ioctls(self) -> bool:  # type: ignore[override]
+        return bool(self.ioctl_rules)
 
     def add(self, rule: str | Rule) -> Rule:
-        r = parse_rule(rule) if isinstance(rule, str) else rule
+        r = parse_rule(rule, self.device.profile.name) if isinstance(rule, str) else rule
         self.rules.append(r)
         self._refresh()
         return r
@@ -143,7 +157,7 @@ class Injector:
         self.rules.clear()
         self._refresh()
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         return [r.to_dict() for r in self.rules]
 
     @property
@@ -152,17 +166,10 @@ class Injector:
 
     def _refresh(self) -> None:
         self.ioctl_rules = [r for r in self.rules if r.target == "ioctl"]
-        core = self.device.core
-        points = any(r.target != "ioctl" for r in self.rules)
-        if points and self._base_fault is None:
-            self._base_fault = core.fault
-            core.fault = self._fault
-        elif not points and self._base_fault is not None:
-            core.fault = self._base_fault
-            self._base_fault = None
-        from .record import refresh
-
-        refresh(self.device)
+        if self.rules:
+            self.device.add_interceptor(self)
+        else:
+            self.device.remove_interceptor(self)
 
     # -- ioctls: decide without committing (a CUSE retry round re-runs the same call) -----------
     def match(self, cmd: int) -> tuple[Rule | None, builtins.list[Rule]]:
@@ -181,15 +188,52 @@ class Injector:
         for r in counted:
             r.hits += 1
 
-    # -- core fault points -----------------------------------------------------------------------
-    def _fault(self, point: str) -> None:
-        if self._base_fault is not None:
-            self._base_fault(point)
+    def ioctl(self, call: Call, proceed: Proceed) -> int | Awaitable[int]:
+        if not self.ioctl_rules:
+            return proceed(call)
+        rule, counted = self.match(call.cmd)
+        if rule is not None:
+            call.injected = {"rule": rule.text, "errno": rule.error, "delay": rule.delay}
+            if rule.delay:
+                if not rule.error:
+                    self._touch(call)  # a CUSE retry round must happen now, not after the sleep
+                self.commit(counted)
+                return self._delayed(call, proceed, rule)
+            self.commit(counted)
+            call.fail = rule.error
+            return proceed(call)
+        try:
+            ret = proceed(call)
+        except NeedRetry:
+            raise
+        except OSError:
+            self.commit(counted)
+            raise
+        self.commit(counted)
+        return ret
+
+    def _touch(self, call: Call) -> None:
+        f = self.device.files.get(call.fh)
+        if f is not None:
+            touch(f.table, f, call.cmd, call.arg, call.mem)
+
+    @staticmethod
+    async def _delayed(call: Call, proceed: Proceed, rule: Rule) -> int:
+        await asyncio.sleep(rule.delay)
+        if rule.error:
+            call.fail = rule.error
+        else:
+            call.injected = {"rule": rule.text, "delay": rule.delay, "errno": 0}
+        res = proceed(call)
+        if type(res) is not int and inspect.isawaitable(res):
+            return int(await res)
+        return int(res)
+
+    # -- model fault points ----------------------------------------------------------------------
+    def fault(self, point: str) -> Fault | None:
         for r in self.rules:
             if r.target == point:
                 r.hits += 1
                 if r.fires(r.hits) and r.error:
-                    tracer = self.device.tracer
-                    if tracer is not None:
-                        tracer.fault(point, r)
-                    raise OSError(r.error, f"{errno_mod.errorcode.get(r.error, r.error)} (injected)")
+                    return Fault(point, r.error, r.text)
+        return None

@@ -31,25 +31,24 @@ import base64
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import platform
 import stat
-import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .. import __version__
+from .. import __version__, uapi
 from ..device import pidfd
-from ..device.dispatch import _U32, Op, _check_zero_tail, _prim
+from ..device.dispatch import U32, Op, Table, check_zero_tail, field_struct, op_for
+from ..device.intercept import Call, Fault, Interceptor, Proceed
 from ..device.memfd import TMPFS_MAGIC, fs_type
 from ..device.seam import Caller, CallerMemory, NeedRetry
-from ..profiles.v3 import uapi
-from ..profiles.v3.model import State
 
 FORMAT_VERSION = 1
 CONTENT_LIMIT = 64 * 1024  # preserved-file contents up to this size go into the trace (base64)
@@ -62,11 +61,18 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.du
 _wall = time.time
 _get_loop = asyncio._get_running_loop
 
-_ENUMS = {"event": uapi.EVENT_NAMES, "state": uapi.STATE_CNAMES}
-_NAMES_JSON = {cmd: json.dumps(name) for cmd, name in uapi.IOCTL_NAMES.items()}
-_LABELS = {st: st.label for st in State}
-_FD_PRESERVE = uapi.LIVEUPDATE_IOCTL_FD_PRESERVE
-_U64 = struct.Struct("=Q")
+Enums = Callable[[str], "Mapping[int, str] | None"]
+_NOTHING = b""
+
+
+def _no_enums(field: str) -> Mapping[int, str] | None:
+    return None
+
+
+def _label(state: Any) -> str:
+    """A state value from a model's listeners as the records show it."""
+    label = getattr(state, "label", None)
+    return label if isinstance(label, str) else str(state)
 
 
 def errname(code: int) -> str:
@@ -77,13 +83,15 @@ def errname(code: int) -> str:
 _FIELDS: dict[str, list[tuple[str, int, Any, bool]]] = {}
 
 
-def fields_of(op: Op) -> list[tuple[str, int, Any, bool]]:
-    """(name, offset, struct codec, is_output) of every named field of ``op``'s struct, from the cdefs."""
+def fields_of(op: Op, ffi: Any = None) -> list[tuple[str, int, Any, bool]]:
+    """(name, offset, struct codec, is_output) of every named field of ``op``'s struct, from the cdefs
+    (``ffi``: the profile's declarations, default the generic ones)."""
     f = _FIELDS.get(op.ctype)
     if f is None:
+        ffi = uapi.ffi if ffi is None else ffi
         f = _FIELDS[op.ctype] = [
-            (name, fld.offset, _prim(fld.type), name in op.outputs)
-            for name, fld in uapi.ffi.typeof(op.ctype).fields
+            (name, fld.offset, field_struct(ffi, fld.type), name in op.outputs)
+            for name, fld in ffi.typeof(op.ctype).fields
         ]
     return f
 
@@ -91,24 +99,29 @@ def fields_of(op: Op) -> list[tuple[str, int, Any, bool]]:
 _FIELDS_JSON: dict[tuple[str, bool, bytes], str] = {}
 
 
-def fields_json(op: Op, data: bytes | bytearray, outputs: bool) -> str:
+def fields_json(op: Op, data: bytes | bytearray, outputs: bool, enums: Enums = _no_enums, ffi: Any = None) -> str:
     """``decode`` as JSON text, remembered per distinct struct: clients repeat the same calls."""
     key = (op.ctype, outputs, bytes(data))
     text = _FIELDS_JSON.get(key)
     if text is None:
         if len(_FIELDS_JSON) > 4096:
             _FIELDS_JSON.clear()
-        text = _FIELDS_JSON[key] = _encode(decode(op, data, outputs))
+        text = _FIELDS_JSON[key] = _encode(decode(op, data, outputs, enums, ffi))
     return text
 
 
-def decode(op: Op, data: bytes | bytearray, outputs: bool) -> dict[str, Any]:
-    """The fields of ``data`` (as far as it goes): inputs, or only the outputs; enums as names."""
+def decode(op: Op, data: bytes | bytearray, outputs: bool, enums: Enums = _no_enums,
+           ffi: Any = None) -> dict[str, Any]:
+    """The fields of ``data`` (as far as it goes): inputs, or only the outputs; enums (the profile's
+    ``TraceRules.enums``) as names, byte arrays as text up to the first NUL."""
     out: dict[str, Any] = {}
-    for name, off, codec, is_out in fields_of(op):
+    for name, off, codec, is_out in fields_of(op, ffi):
         if (is_out if outputs else (not is_out or name == "size")) and off + codec.size <= len(data):
             v = codec.unpack_from(data, off)[0]
-            names = _ENUMS.get(name)
+            if isinstance(v, bytes):
+                out[name] = v.split(b"\0", 1)[0].decode(errors="replace")
+                continue
+            names = enums(name)
             out[name] = names.get(v, v) if names is not None else v
     return out
 
@@ -231,25 +244,35 @@ class Seen:
             self.out = data  # even if the write fails: replay then knows the struct was read-only
         self.mem.write(addr, data)
 
-    def seen(self, ops: Any, cmd: int) -> tuple[Op | None, int | None, bytes | None]:
+    def seen(self, table: Table, cmd: int) -> tuple[Op | None, int | None, bytes | None]:
         """(op row, struct size field, struct as copied in) as far as the call got."""
-        nr = cmd & 0xFF
-        op = ops[nr] if nr < len(ops) else None
+        op = op_for(table, cmd)
         if op is None or self.data is None or len(self.data) < 4:
             return op, None, None
-        size = _U32.unpack_from(self.data)[0]
+        size = U32.unpack_from(self.data)[0]
         return op, size, self.data[:min(size, op.size)]
 
 
 _NOTHING_SEEN = Seen(None, -1)  # type: ignore[arg-type]  # an injected failure: the call never reached the caller's memory
 
 # -- the recorder --------------------------------------------------------------------------------------
-class Tracer:
-    """Writes one device's events to ``path`` (created 0600: traces hold file contents)."""
+class Tracer(Interceptor):
+    """Writes one device's events to ``path`` (created 0600: traces hold file contents).
+
+    A member of the device's interceptor chain, inside fault injection: an injected
+    failure reaches it as a call that fails (``Call.fail``) with ``Call.injected`` set.
+    What it names and decodes comes from the profile's ``TraceRules``.
+    """
+
+    order = 20
 
     def __init__(self, path: str, device: Any):
         self.path = os.path.abspath(path)
         self.device = device
+        self.rules = device.profile.trace
+        self._names_json = {cmd: json.dumps(name) for cmd, name in self.rules.names.items()}
+        self._enums: Enums = self.rules.enums
+        self._ffi = getattr(device.profile, "ffi", None)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
@@ -271,7 +294,7 @@ class Tracer:
         return {"type": "header", "format": FORMAT_VERSION, "abi": self.device.profile.name,
                 "arch": platform.machine(), "endian": sys.byteorder, "emulator": f"cusedev {__version__}",
                 "time": _wall(), "mono_ns": _mono(), "emulator_pid": os.getpid(),
-                "state": self.device.core.state.label}
+                "state": self.rules.state_label(self.device.core)}
 
     # -- output ----------------------------------------------------------------------------------
     def _write(self, lines: Iterable[str]) -> None:
@@ -383,14 +406,14 @@ class Tracer:
             if p is not None:
                 self._finish_pending(p)
 
-    # -- events ----------------------------------------------------------------------------------
-    def open(self, caller: Caller, flags: int, fh: int, err: int) -> None:
+    # -- events (the Interceptor hooks) ----------------------------------------------------------
+    def opened(self, caller: Caller, flags: int, fh: int, err: int) -> None:
         self._seen(caller.tid)
         self._who(caller.tid, fresh=True)
         self._push(self._fmt_simple, "open", _wall(), _mono(), caller.tid,
                    {"flags": flags, "fh": fh, "ret": -1 if err else 0, "errno": err})
 
-    def release(self, fh: int) -> None:
+    def released(self, fh: int) -> None:
         self._push(self._fmt_simple, "release", _wall(), _mono(), 0, {"fh": fh})
 
     def rw(self, kind: str, fh: int, caller: Caller, size: int, err: int) -> None:
@@ -398,21 +421,25 @@ class Tracer:
         self._push(self._fmt_simple, kind, _wall(), _mono(), caller.tid,
                    {"fh": fh, "count": size, "ret": -1 if err else size, "errno": err})
 
-    def kexec(self, fn: Callable[[], bool]) -> bool:
-        before = self.device.core.state
+    def _counter(self) -> Any:
+        return self.device.profile.status(self.device.core).get("update_count")
+
+    def kexec(self, run: Callable[[], bool]) -> bool:
+        label = self.rules.state_label
+        core = self.device.core
+        before = label(core)
         self._fault = None
         try:
-            live = fn()
+            live = run()
         except OSError as e:
             self._push(self._fmt_simple, "kexec", _wall(), _mono(), 0,
-                       {"ret": -1, "errno": e.errno, "state_before": before.label,
-                        "state_after": self.device.core.state.label,
+                       {"ret": -1, "errno": e.errno, "state_before": before,
+                        "state_after": label(core),
                         **({"injected": self._fault} if self._fault else {})})
             raise
-        core = self.device.core
         self._push(self._fmt_simple, "kexec", _wall(), _mono(), 0,
-                   {"ret": 0, "errno": 0, "live": live, "state_before": before.label,
-                    "state_after": core.state.label, "update_count": core.update_count})
+                   {"ret": 0, "errno": 0, "live": live, "state_before": before,
+                    "state_after": label(core), "update_count": self._counter()})
         return live
 
     def on_state(self, old: Any, new: Any) -> None:
@@ -422,24 +449,19 @@ class Tracer:
                 return
             self._push(self._fmt_state, _wall(), _mono(), old, new)
 
-    def fault(self, point: str, rule: Any) -> None:
-        """A core fault point fired (prepare/kexec): marks the running ioctl or kexec, and gets its own record."""
-        self._fault = {"rule": rule.text, "point": point, "errno": rule.error}
+    def faulted(self, fault: Fault) -> None:
+        """A model fault point failed (injection): marks the running ioctl or kexec, and gets its own record."""
+        self._fault = {"rule": fault.rule, "point": fault.point, "errno": fault.errno}
         self._push(self._fmt_simple, "fault", _wall(), _mono(), 0,
-                   {"rule": rule.text, "point": point, "errno": rule.error, "err": errname(rule.error)})
+                   {"rule": fault.rule, "point": fault.point, "errno": fault.errno, "err": errname(fault.errno)})
 
-    def injected(self, fh: int, caller: Caller, cmd: int, arg: int, rule: Any) -> None:
-        """An ioctl failed by a rule before its handler ran."""
-        self._seen(caller.tid)
-        st = self.device.core.state
-        self._push(self._fmt_ioctl, _wall(), _mono(), caller.tid, fh, cmd, arg, self.device.ops,
-                   _NOTHING_SEEN, rule.error, st, st, 0, None,
-                   {"rule": rule.text, "errno": rule.error, "delay": rule.delay})
+    def _table(self, fh: int) -> Table:
+        f = self.device.files.get(fh)
+        return f.table if f is not None else self.device.kinds["device"]
 
-    def ioctl(self, dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory,
-              rule: Any = None) -> int:
-        """Run and record one ioctl (``rule``: the delay-only rule that held it, if any)."""
-        tid = caller.tid
+    def ioctl(self, call: Call, proceed: Proceed) -> int | Awaitable[int]:
+        """Run and record one ioctl."""
+        tid, fh, cmd, arg, mem = call.caller.tid, call.fh, call.cmd, call.arg, call.mem
         t0 = _mono()
         wall = _wall()
         if self.pending:
@@ -449,52 +471,69 @@ class Tracer:
                     t0, wall = p[4], p[5]  # the same call, next CUSE retry round
                 else:
                     self._finish_pending(p)
-        before = dev.core.state
-        seen = Seen(mem, arg, mem.direct)
+        table = self._table(fh)
+        core = self.device.core
+        before = self.rules.state_label(core)
+        seen = _NOTHING_SEEN if call.fail else Seen(mem, arg, mem.direct)
+        if not call.fail:
+            call.mem = seen
         self._fault = None
         self._in_ioctl = True
         try:
-            ret = dev.run_ioctl(fh, caller, cmd, arg, seen)
+            ret: Any = proceed(call)
             err = 0
             exc = None
         except NeedRetry:
-            self.pending[tid] = (tid, fh, cmd, arg, t0, wall, seen, before)
+            self.pending[tid] = (tid, fh, cmd, arg, t0, wall, seen, before, table)
             raise
         except OSError as e:
             ret, err, exc = -1, e.errno or errno.EIO, e
         finally:
             self._in_ioctl = False
-        t1 = _mono()
-        extra: dict[str, Any] | None = None
-        if cmd == _FD_PRESERVE or err == errno.E2BIG:
-            extra = self._extra(dev, tid, cmd, arg, seen, err, mem)
-        inj = self._fault
-        if rule is not None:
-            inj = {"rule": rule.text, "delay": rule.delay, "errno": 0}
-        self._push(self._fmt_ioctl, wall, t1, tid, fh, cmd, arg, dev.ops, seen, err, before, dev.core.state,
-                   t1 - t0, extra, inj)
-        if self._states:  # the state changes it made, each its own record, stamped like the call
-            for old, new in self._states:
-                self._push(self._fmt_state, wall, t1, old, new)
-            self._states.clear()
+        if exc is None and type(ret) is not int and inspect.isawaitable(ret):
+            return self._later(ret, call, table, seen, before, t0, wall)
+        self._record(call, table, seen, before, t0, wall, err)
         if exc is not None:
             raise exc
         return ret
 
-    def _extra(self, dev: Any, tid: int, cmd: int, arg: int, seen: Seen, err: int,
+    async def _later(self, aw: Awaitable[int], call: Call, table: Table, seen: Seen, before: str, t0: int,
+                     wall: float) -> int:
+        """A call whose handler completes later: recorded when it does."""
+        try:
+            ret = await aw
+        except OSError as e:
+            self._record(call, table, seen, before, t0, wall, e.errno or errno.EIO)
+            raise
+        self._record(call, table, seen, before, t0, wall, 0)
+        return ret
+
+    def _record(self, call: Call, table: Table, seen: Seen, before: str, t0: int, wall: float, err: int) -> None:
+        tid, fh, cmd, arg = call.caller.tid, call.fh, call.cmd, call.arg
+        t1 = _mono()
+        extra: dict[str, Any] | None = None
+        if err == errno.E2BIG or self.rules.passed_fd(cmd, seen.data or _NOTHING) is not None:
+            extra = self._extra(table, tid, cmd, arg, seen, err, call.mem)
+        inj = self._fault if call.injected is None else call.injected
+        self._push(self._fmt_ioctl, wall, t1, tid, fh, cmd, arg, table, seen, err, before,
+                   self.rules.state_label(self.device.core), t1 - t0, extra, inj)
+        if self._states:  # the state changes it made, each its own record, stamped like the call
+            for old, new in self._states:
+                self._push(self._fmt_state, wall, t1, old, new)
+            self._states.clear()
+
+    def _extra(self, table: Table, tid: int, cmd: int, arg: int, seen: Seen, err: int,
                mem: CallerMemory) -> dict[str, Any] | None:
-        """What only call time can capture: FD_PRESERVE's file (described at flush), E2BIG's tail."""
-        op, size, data = seen.seen(dev.ops, cmd)
+        """What only call time can capture: the file a call passes in (described at flush), E2BIG's tail."""
+        op, size, data = seen.seen(table, cmd)
         if op is None or size is None or data is None:
             return None
         extra: dict[str, Any] = {}
-        if cmd == _FD_PRESERVE and op.cmd == cmd and len(data) >= 8:
-            token = _U64.unpack_from(data, 8)[0] if len(data) >= 16 else None
-            pf = dev.core.outgoing.get(token) if not err and token is not None else None
+        passed = self.rules.passed_fd(cmd, data) if op.cmd == cmd else None
+        if passed is not None:
             # preserved: a dup of the emulator's own reference is the caller's file (1 syscall, not 3)
-            fd = getattr(pf.ops, "fd", None) if pf is not None else None
-            extra["file"] = ((os.dup(fd), True) if fd is not None
-                             else (grab_file(tid, int.from_bytes(data[4:8], sys.byteorder, signed=True)), False))
+            fd = None if err else self.rules.preserved_fd(self.device.core, cmd, data)
+            extra["file"] = (os.dup(fd), True) if fd is not None else (grab_file(tid, passed), False)
         if err == errno.E2BIG and size > op.size:
             extra["tail"] = self._tail(mem, arg + op.size, size - op.size)
         return extra or None
@@ -507,7 +546,7 @@ class Tracer:
             data = mem.read(addr, length)
         except Exception:  # noqa: BLE001 - best effort; a retry backend may not have it
             try:
-                _check_zero_tail(mem, addr, length)
+                check_zero_tail(mem, addr, length)
             except Exception:  # noqa: BLE001
                 pass
             return {}
@@ -517,9 +556,9 @@ class Tracer:
         return {}
 
     def _finish_pending(self, p: tuple) -> None:
-        tid, fh, cmd, arg, t0, wall, seen, before = p
+        tid, fh, cmd, arg, t0, wall, seen, before, table = p
         now = _mono()
-        self._push(self._fmt_ioctl, wall, now, tid, fh, cmd, arg, self.device.ops, seen,
+        self._push(self._fmt_ioctl, wall, now, tid, fh, cmd, arg, table, seen,
                    errno.EFAULT, before, before, now - t0, {"kernel_fault": True}, None)
 
     # -- formatting (flush time): each record straight to its JSON line ---------------------------------
@@ -533,15 +572,15 @@ class Tracer:
 
     def _fmt_state(self, seq: int, wall: float, mono: int, old: Any, new: Any) -> str:
         return (f'{{"type":"state","seq":{seq},"time":{round(wall, 6)!r},"mono_ns":{mono},'
-                f'"from":"{_LABELS[old]}","to":"{_LABELS[new]}"}}')
+                f'"from":"{_label(old)}","to":"{_label(new)}"}}')
 
     def _fmt_ioctl(self, seq: int, wall: float, mono: int, tid: int, fh: int, cmd: int, arg: int,
-                   ops: Any, seen: Seen, err: int, before: Any, after: Any, dur: int, extra: dict | None,
+                   table: Table, seen: Seen, err: int, before: str, after: str, dur: int, extra: dict | None,
                    inj: dict | None) -> str | _Held:
         """The ioctl record, built as text (the hot record: a dict plus json would cost twice as much);
         keys in the order of the README's schema."""
-        op, size, data = seen.seen(ops, cmd)
-        name = _NAMES_JSON.get(cmd, '"unknown"')
+        op, size, data = seen.seen(table, cmd)
+        name = self._names_json.get(cmd, '"unknown"')
         line = (f'{{"type":"ioctl","seq":{seq},"time":{round(wall, 6)!r},"mono_ns":{mono},{self._who(tid)[2]},'
                 f'"fh":{fh},"cmd":{cmd},"name":{name},"arg":{arg}')
         if size is not None:
@@ -549,16 +588,16 @@ class Tracer:
         if data is not None:
             line += f',"in_hex":"{data.hex()}"'
             if op is not None:
-                line += ',"in":' + fields_json(op, data, False)
+                line += ',"in":' + fields_json(op, data, False, self._enums, self._ffi)
         out = seen.out
         if out is not None:
             line += f',"out_hex":"{out.hex()}"'
             if op is not None:
-                line += ',"out":' + fields_json(op, out, True)
+                line += ',"out":' + fields_json(op, out, True, self._enums, self._ffi)
         line += f',"ret":{-1 if err else 0},"errno":{err}'
         if err:
             line += f',"err":"{errname(err)}"'
-        line += (f',"state_before":"{_LABELS[before]}","state_after":"{_LABELS[after]}",'
+        line += (f',"state_before":"{before}","state_after":"{after}",'
                  f'"dur_us":{round(dur / 1000, 1)!r}')
         held = None
         if extra:
@@ -584,83 +623,13 @@ def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[[], None
         pass
 
 
-def intercept(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> Any:
-    """The device's interceptor while tracing or injecting: injection first, then the traced call."""
-    inj = dev.injector
-    tracer = dev.tracer
-    counted: list = []
-    if inj.ioctl_rules:
-        rule, counted = inj.match(cmd)
-        if rule is not None:
-            if rule.delay:
-                if not rule.error:
-                    _prefetch(dev, cmd, arg, mem)  # a CUSE retry round must happen now, not after the sleep
-                inj.commit(counted)
-                return _delayed(dev, fh, caller, cmd, arg, mem, rule)
-            inj.commit(counted)
-            if tracer is not None:
-                tracer.injected(fh, caller, cmd, arg, rule)
-            raise OSError(rule.error, os.strerror(rule.error))
-    try:
-        ret = (dev.run_ioctl(fh, caller, cmd, arg, mem) if tracer is None
-               else tracer.ioctl(dev, fh, caller, cmd, arg, mem))
-    except NeedRetry:
-        raise
-    except OSError:
-        if counted:
-            inj.commit(counted)
-        raise
-    if counted:
-        inj.commit(counted)
-    return ret
-
-
-def _prefetch(dev: Any, cmd: int, arg: int, mem: CallerMemory) -> None:
-    """Touch the memory dispatch will need (raising NeedRetry on CUSE) without running the handler."""
-    nr = cmd & 0xFF
-    if nr >= len(dev.ops):
-        return
-    op = dev.ops[nr]
-    try:
-        data = mem.peek(arg, op.size, 4)
-        (size,) = _U32.unpack_from(data)
-        if cmd != op.cmd or size < op.min_size:
-            return
-        n = min(size, op.size)
-        mem.declare((arg, size), (arg, n) if op.outputs else None)
-        if size > op.size:
-            _check_zero_tail(mem, arg + op.size, size - op.size)
-        if len(data) < n:
-            mem.read(arg, n)
-    except OSError:
-        return
-
-
-async def _delayed(dev: Any, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory, rule: Any) -> int:
-    await asyncio.sleep(rule.delay)
-    tracer = dev.tracer
-    if rule.error:
-        if tracer is not None:
-            tracer.injected(fh, caller, cmd, arg, rule)
-        raise OSError(rule.error, os.strerror(rule.error))
-    if tracer is not None:
-        return tracer.ioctl(dev, fh, caller, cmd, arg, mem, rule)
-    return dev.run_ioctl(fh, caller, cmd, arg, mem)
-
-
-def refresh(device: Any) -> None:
-    """Install the interceptor only while something needs it: the bare path stays bare."""
-    need = device.tracer is not None or bool(device.injector.ioctl_rules)
-    device.interceptor = intercept if need else None
-
-
 def start(device: Any, path: str) -> Tracer:
     """Start recording ``device`` to ``path`` (a running trace is stopped first)."""
     stop(device)
     tracer = Tracer(path, device)
     device.tracer = tracer
     device.core.listeners.append(tracer.on_state)
-    refresh(device)
+    device.add_interceptor(tracer)
     return tracer
 
 
@@ -670,7 +639,7 @@ def stop(device: Any) -> str | None:
     if tracer is None:
         return None
     device.tracer = None
-    refresh(device)
+    device.remove_interceptor(tracer)
     try:
         device.core.listeners.remove(tracer.on_state)
     except ValueError:

@@ -1,50 +1,86 @@
 """ABI profile "v3": the /dev/liveupdate ioctls of the LUO v3 series (spec sections 1, 5).
 
 One row per command, in nr order; each handler is a few lines against the
-pure core.  ``ctx`` is the device session (``cusedev.device.openfiles.OpenFile``): it
-supplies the core, pulls the caller's fds and installs restored ones.
+pure model.  ``file`` is the open file (``cusedev.profiles.base.OpenFileContext``):
+its ``model``, and its ``device`` that pulls the caller's fds and installs
+restored ones.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 from ...device.dispatch import Op, make_op
+from ...device.memfd import ShmemFile
+from ...device.seam import Caller
+from ...libc import fail
+from ..base import OpenFileContext
 from . import uapi
 
 NAME = "v3"
 TYPE = uapi.LIVEUPDATE_IOCTL_TYPE
 
 
-def fd_preserve(ctx: Any, caller: Any, v: tuple) -> None:
+def fd_preserve(file: OpenFileContext, caller: Caller, v: tuple) -> None:
+    """FD_PRESERVE: EBADF (fd), then the model's EBUSY / ENOENT (not shmem) / EEXIST."""
     _size, fd, token = v
-    ctx.preserve(caller, fd, token)
+    ours = file.device.take_fd(caller, fd)
+    probed = False
+
+    def probe() -> ShmemFile:
+        nonlocal probed
+        probed = True
+        return ShmemFile.probe(ours)
+
+    try:
+        file.model.preserve(token, probe)
+    except OSError:
+        if not probed:
+            os.close(ours)
+        raise
 
 
-def fd_unpreserve(ctx: Any, caller: Any, v: tuple) -> None:
-    ctx.core.unpreserve(v[-1])
+def fd_unpreserve(file: OpenFileContext, caller: Caller, v: tuple) -> None:
+    file.model.unpreserve(v[-1])
 
 
-def fd_restore(ctx: Any, caller: Any, v: tuple) -> dict[str, int]:
-    return {"fd": ctx.restore(caller, v[-1])}
+def fd_restore(file: OpenFileContext, caller: Caller, v: tuple) -> dict[str, int]:
+    """FD_RESTORE: reserve the caller's fd (EMFILE), the model's checks, then install a new open file
+    of the same pages; outside `cusedev run` EOPNOTSUPP once every check passed."""
+    installer = file.device.installer_for(caller)
+    if installer is not None:
+        installer.reserve(caller)
+    pf = file.model.restore(v[-1])
+    if installer is None:
+        file.device.warn_no_installer("FD_RESTORE")
+        raise fail(errno.EOPNOTSUPP)
+    fd = pf.ops.reopen()
+    try:
+        newfd = installer.install(caller, fd)
+    finally:
+        os.close(fd)
+    file.model.mark_restored(pf)
+    return {"fd": newfd}
 
 
-def get_state(ctx: Any, caller: Any, v: tuple) -> dict[str, int]:
-    return {"state": int(ctx.core.state)}
+def get_state(file: OpenFileContext, caller: Caller, v: tuple) -> dict[str, int]:
+    return {"state": int(file.model.state)}
 
 
-def set_event(ctx: Any, caller: Any, v: tuple) -> None:
-    ctx.core.event(v[1])
+def set_event(file: OpenFileContext, caller: Caller, v: tuple) -> None:
+    file.model.event(v[1])
 
 
-def get_fd_state(ctx: Any, caller: Any, v: tuple) -> dict[str, int]:
+def get_fd_state(file: OpenFileContext, caller: Caller, v: tuple) -> dict[str, int]:
     _size, incoming, token, _state = v
-    return {"state": int(ctx.core.file_state(token, incoming != 0))}
+    return {"state": int(file.model.file_state(token, incoming != 0))}
 
 
-def set_fd_event(ctx: Any, caller: Any, v: tuple) -> None:
+def set_fd_event(file: OpenFileContext, caller: Caller, v: tuple) -> None:
     _size, event, token = v
-    ctx.core.file_event(token, event)
+    file.model.file_event(token, event)
 
 
 def _op(nr: int, name: str, last: str, handler: Any, outputs: tuple[str, ...] = ()) -> Op:
