@@ -678,14 +678,14 @@ class ModelHarness(H):
 
     # H
     def ioctl(self, fd: int, cmd: int, buf: bytearray | None) -> bytearray | None:
-        from cusedev.profiles.session.dispatch import dispatch_kind
+        from cusedev.device.dispatch import dispatch
 
         f = self.files.get(fd)
         if f is None:  # a real fd of this process (a memfd): not ours, the kernel's answer
             raise OSError(errno.ENOTTY, "not a session")
         kind = self.profile.kinds[f.kind]
         mem = _FakeMemory(buf)
-        res = dispatch_kind(kind.base, kind.ops, kind.check, f, None, cmd, mem.BASE if buf is not None else 0, mem)
+        res = dispatch(kind, f, None, cmd, mem.BASE if buf is not None else 0, mem)  # type: ignore[arg-type]
         if inspect.isawaitable(res):
             asyncio.run(_await(res))
         return buf

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ...device.dispatch import Op
+from ...device.dispatch import Op, make_op
 from ...libc import fail
 from . import uapi
 from .memfd import PreservedMemfd
@@ -28,24 +27,10 @@ Out = Mapping[str, Any] | None
 
 
 def _row(c: uapi.Command, handler: Callable[..., Any], outputs: tuple[str, ...] = ()) -> Op:
-    fields = dict(uapi.ffi.typeof(c.ctype).fields)
-    outs = {}
-    for f in outputs:
-        ftp = fields[f].type
-        fmt = f"={ftp.length}s" if ftp.kind == "array" else "=i"
-        outs[f] = (fields[f].offset, struct.Struct(fmt))
-    return Op(
-        nr=c.nr,
-        cmd=c.cmd,
-        name=c.name,
-        ctype=c.ctype,
-        size=c.size,
-        min_size=c.min_size,
-        unpack=c.struct.unpack,
-        names=c.fields,
-        outputs=outs,
-        handler=handler,
-    )
+    last = c.fields[-1]  # min_size == sizeof for every session command: the last field is required
+    op = make_op(uapi.IOCTL_TYPE, c.nr, c.name, c.ctype, last, handler, outputs, ffi=uapi.ffi)
+    assert (op.cmd, op.size, op.min_size) == (c.cmd, c.size, c.min_size), c
+    return op
 
 
 def _model(file: Any) -> SessionModel:
