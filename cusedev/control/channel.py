@@ -25,6 +25,7 @@ from . import paths
 log = logging.getLogger(__name__)
 
 MAX_MSG = 1 << 16
+MAX_PENDING = 4 << 20  # bytes of replies and events a peer may leave unread
 Command = Callable[
     ["Connection", dict[str, Any], list[int]], "dict[str, Any] | Awaitable[dict[str, Any]] | None"
 ]
@@ -49,18 +50,39 @@ class Connection:
         self.sock = sock
         self.pid = pid
         self.buf = b""
+        self.out = bytearray()  # what the peer has not taken yet (sent when the socket is writable)
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Queue one line; never blocks the loop.  A peer that lets MAX_PENDING pile up is dropped."""
         if self.closed:
             return
+        was_empty = not self.out
+        self.out += json.dumps(msg).encode() + b"\n"
+        if len(self.out) > MAX_PENDING:
+            log.warning("control peer %d does not read its replies: dropped", self.pid)
+            self.close()
+            return
+        if was_empty:
+            self._flush()
+
+    def _flush(self) -> None:
         try:
-            self.sock.setblocking(True)
-            self.sock.sendall(json.dumps(msg).encode() + b"\n")
-            self.sock.setblocking(False)
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
         except OSError:
             self.close()
+            return
+        del self.out[:n]
+        loop = self.server.loop
+        if loop is None:
+            return
+        if self.out:
+            loop.add_writer(self.sock.fileno(), self._flush)
+        else:
+            loop.remove_writer(self.sock.fileno())
 
     def close(self) -> None:
         if self.closed:
@@ -69,6 +91,7 @@ class Connection:
         loop = self.server.loop
         if loop is not None:
             loop.remove_reader(self.sock.fileno())
+            loop.remove_writer(self.sock.fileno())
         self.sock.close()
         self.server.connections.discard(self)
         for cb in self.on_close:

@@ -1,4 +1,4 @@
-"""`cusedev run -- CMD`: run a client so that FD_RESTORE installs real fds and reboot(KEXEC) is emulated.
+"""`cusedev run -- CMD`: run a client so that fd-returning ioctls install real fds and reboot(KEXEC) is emulated.
 
 The command starts under the seccomp filter (``seccomp.spawn`` via the
 ``Launcher``); its listener goes to the emulator over the control socket
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import control
+from .. import control, profiles
 from ..control.channel import ControlError
 from .launcher import Launcher
 
@@ -54,6 +54,12 @@ class _Events:
                 self.kexec.set_result(msg)
 
 
+def trapped_by(device: str) -> tuple[int, ...]:
+    """The fd-returning commands of the profile the emulator serving ``device`` runs (the filter traps them)."""
+    st = control.request(device, "status")
+    return profiles.get(st.get("abi") or profiles.DEFAULT).fd_commands
+
+
 async def run_under(device: str, argv: Sequence[str]) -> int:
     """Run ``argv`` attached to the emulator serving ``device``; returns the exit code to use."""
     loop = asyncio.get_running_loop()
@@ -82,7 +88,7 @@ async def run_under(device: str, argv: Sequence[str]) -> int:
                 loop.call_soon(events.readable)
 
         env = {**os.environ, "CUSEDEV_RUN": "1", "CUSEDEV_DEVICE": os.path.abspath(device)}
-        launcher = Launcher(argv, handoff=handoff, env=env)
+        launcher = Launcher(argv, handoff=handoff, env=env, trapped=trapped_by(device))
         rc = await launcher.run(events.kexec)
         if launcher.kexeced and events.kexec.done() and not events.kexec.exception():
             info = events.kexec.result()

@@ -27,7 +27,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import uapi
 from . import seccomp
 
 __all__ = ["Launcher", "descendants", "exit_code", "kill_tree", "run", "set_child_subreaper"]
@@ -198,12 +197,13 @@ class Launcher:
         *,
         handoff: Callable[[int], None],
         env: Mapping[str, str] | None = None,
-        restore_cmd: int = uapi.LIVEUPDATE_IOCTL_FD_RESTORE,
+        trapped: Sequence[int] | None = None,
         foreground: bool | None = None,
     ) -> None:
         self.argv = list(argv)
         self.env = env
-        self.restore_cmd = restore_cmd
+        #: the ioctl numbers the filter traps (None: the default profile's fd-returning commands)
+        self.trapped = trapped
         self.foreground = foreground
         self._handoff = handoff
         self.pid: int | None = None
@@ -251,7 +251,7 @@ class Launcher:
         kexec_task: asyncio.Future[Any] | None = None
         try:
             pid, listener = seccomp.spawn(
-                self.argv, self.env, restore_cmd=self.restore_cmd, foreground=fg, handoff=self._handoff
+                self.argv, self.env, trapped=self.trapped, foreground=fg, handoff=self._handoff
             )
             self.pid = pid
             os.close(listener)  # the supervisor holds its own copy now
@@ -288,9 +288,9 @@ async def run(
     handoff: Callable[[int], None],
     kexec: Awaitable[Any] | None = None,
     env: Mapping[str, str] | None = None,
-    restore_cmd: int = uapi.LIVEUPDATE_IOCTL_FD_RESTORE,
+    trapped: Sequence[int] | None = None,
     foreground: bool | None = None,
 ) -> int:
     """``Launcher(argv, ...).run(kexec)`` in one call."""
-    launcher = Launcher(argv, handoff=handoff, env=env, restore_cmd=restore_cmd, foreground=foreground)
+    launcher = Launcher(argv, handoff=handoff, env=env, trapped=trapped, foreground=foreground)
     return await launcher.run(kexec)

@@ -1,12 +1,14 @@
-"""seccomp user notification: trap FD_RESTORE and reboot() in a client, answer them from asyncio.
+"""seccomp user notification: trap fd-returning ioctls and reboot() in a client, answer them from asyncio.
 
 FUSE/CUSE cannot install an fd in the caller; a seccomp listener can
 (``SECCOMP_IOCTL_NOTIF_ADDFD``).  ``cusedev run`` therefore starts its command
 under a filter (:func:`install_filter`, :func:`spawn`) that sends two things to
 the listener and lets every other syscall through untouched:
 
-- ``ioctl(fd, restore_cmd, ...)`` (any fd: BPF cannot tell which file an fd is;
-  the handler checks and uses :meth:`Notification.continue_` for foreign fds);
+- ``ioctl(fd, cmd, ...)`` for each ``cmd`` of the running profile's
+  fd-returning commands (``Profile.fd_commands``; any fd: BPF cannot tell
+  which file an fd is; the handler checks and uses
+  :meth:`Notification.continue_` for foreign fds);
 - ``reboot(..., LINUX_REBOOT_CMD_KEXEC, ...)``: the emulated kexec.
 
 Every other ``reboot()`` fails with EPERM, and the child loses CAP_SYS_BOOT
@@ -108,47 +110,80 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 # The filter
 
 
-def _stmt(code: int, k: int) -> bytes:
-    return _INSN.pack(code, 0, 0, k & 0xFFFFFFFF)
+class _Program:
+    """A classic BPF program with named jump targets: offsets are computed, never written by hand."""
+
+    def __init__(self) -> None:
+        self.insns: list[tuple[int, str | None, str | None, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.insns)
+
+    def stmt(self, code: int, k: int) -> None:
+        self.insns.append((code, None, None, k & 0xFFFFFFFF))
+
+    def jeq(self, k: int, true: str | None, false: str | None) -> None:
+        """Compare the accumulator with ``k``; go to label ``true`` or ``false`` (None: the next one)."""
+        self.insns.append((uapi.BPF_JMP | uapi.BPF_JEQ | uapi.BPF_K, true, false, k & 0xFFFFFFFF))
+
+    def assemble(self) -> bytes:
+        out = []
+        for i, (code, jt, jf, k) in enumerate(self.insns):
+            offs = []
+            for target in (jt, jf):
+                off = 0 if target is None else self.labels[target] - (i + 1)
+                if not 0 <= off <= 255:
+                    raise ValueError(f"BPF jump from {i} to {target!r} out of range ({off})")
+                offs.append(off)
+            out.append(_INSN.pack(code, offs[0], offs[1], k))
+        return b"".join(out)
 
 
-def _jeq(k: int, jt: int, jf: int) -> bytes:
-    return _INSN.pack(uapi.BPF_JMP | uapi.BPF_JEQ | uapi.BPF_K, jt, jf, k & 0xFFFFFFFF)
-
-
-def build_filter(restore_cmd: int) -> bytes:
+def build_filter(trapped: int | Sequence[int]) -> bytes:
     """The classic BPF program, as packed ``struct sock_filter`` array.
 
-    Fast path for every other syscall: 2 loads and at most 5 compares.  The
-    x32 and i386 entry points into reboot() get EPERM too: the arch check
-    alone would let a 32-bit client reach the real reboot().
+    ``trapped``: the ioctl numbers sent to the listener (the running profile's
+    fd-returning commands).  Fast path for every other syscall: 2 loads and
+    a few compares.  The x32 and i386 entry points into reboot() get EPERM
+    too: the arch check alone would let a 32-bit client reach the real reboot().
     """
+    cmds = [trapped] if isinstance(trapped, int) else list(trapped)
     ld = uapi.BPF_LD | uapi.BPF_W | uapi.BPF_ABS
     ret = uapi.BPF_RET | uapi.BPF_K
-    allow = _stmt(ret, uapi.SECCOMP_RET_ALLOW)
-    notify = _stmt(ret, uapi.SECCOMP_RET_USER_NOTIF)
-    eperm = _stmt(ret, uapi.SECCOMP_RET_ERRNO | errno.EPERM)
-    # Layout (index: instruction); jump offsets are relative to the next one.
-    prog = [
-        _stmt(ld, _OFF_ARCH),  # 0
-        _jeq(uapi.AUDIT_ARCH_X86_64, 0, 8),  # 1: else -> 10 (other arch)
-        _stmt(ld, _OFF_NR),  # 2
-        _jeq(uapi.X86_64_NR_ioctl, 0, 2),  # 3: else -> 6
-        _stmt(ld, _arg_lo(1)),  # 4: ioctl cmd (unsigned int: low 32 bits)
-        _jeq(restore_cmd, 9, 8),  # 5: -> 15 notify / 14 allow
-        _jeq(uapi.X86_64_NR_reboot, 1, 0),  # 6: -> 8
-        _jeq(uapi.X86_64_X32_SYSCALL_BIT | uapi.X86_64_NR_reboot, 8, 6),  # 7: -> 16 eperm / 14 allow
-        _stmt(ld, _arg_lo(2)),  # 8: reboot cmd
-        _jeq(uapi.LINUX_REBOOT_CMD_KEXEC, 5, 6),  # 9: -> 15 notify / 16 eperm
-        _jeq(uapi.AUDIT_ARCH_I386, 0, 3),  # 10: else -> 14 allow
-        _stmt(ld, _OFF_NR),  # 11
-        _jeq(uapi.I386_NR_reboot, 3, 0),  # 12: -> 16 eperm
-        allow,  # 13
-        allow,  # 14
-        notify,  # 15
-        eperm,  # 16
-    ]
-    return b"".join(prog)
+    p = _Program()
+    p.stmt(ld, _OFF_ARCH)
+    p.jeq(uapi.AUDIT_ARCH_X86_64, None, "other_arch")
+    p.stmt(ld, _OFF_NR)
+    p.jeq(uapi.X86_64_NR_ioctl, None, "not_ioctl")
+    p.stmt(ld, _arg_lo(1))  # ioctl cmd (unsigned int: low 32 bits)
+    for cmd in cmds:
+        p.jeq(cmd, "notify", None)
+    p.stmt(ret, uapi.SECCOMP_RET_ALLOW)
+    p.label("not_ioctl")
+    p.jeq(uapi.X86_64_NR_reboot, "reboot", None)
+    p.jeq(uapi.X86_64_X32_SYSCALL_BIT | uapi.X86_64_NR_reboot, "eperm", "allow")
+    p.label("reboot")
+    p.stmt(ld, _arg_lo(2))  # reboot cmd
+    p.jeq(uapi.LINUX_REBOOT_CMD_KEXEC, "notify", "eperm")
+    p.label("other_arch")
+    p.jeq(uapi.AUDIT_ARCH_I386, None, "allow")
+    p.stmt(ld, _OFF_NR)
+    p.jeq(uapi.I386_NR_reboot, "eperm", "allow")
+    p.label("allow")
+    p.stmt(ret, uapi.SECCOMP_RET_ALLOW)
+    p.label("notify")
+    p.stmt(ret, uapi.SECCOMP_RET_USER_NOTIF)
+    p.label("eperm")
+    p.stmt(ret, uapi.SECCOMP_RET_ERRNO | errno.EPERM)
+    return p.assemble()
+
+
+def default_trapped() -> tuple[int, ...]:
+    """The default profile's fd-returning commands (what `cusedev run` traps unless told otherwise)."""
+    from .. import profiles
+
+    return profiles.get(profiles.DEFAULT).fd_commands
 
 
 def drop_cap_sys_boot() -> None:
@@ -190,7 +225,7 @@ def _seccomp_set_filter(flags: int, prog: bytes) -> int:
     )
 
 
-def install_filter(restore_cmd: int) -> int:
+def install_filter(trapped: int | Sequence[int]) -> int:
     """Install the filter on the calling thread; return the listener fd (O_CLOEXEC).
 
     Meant for a freshly forked child before exec (no other threads).  Without
@@ -202,7 +237,7 @@ def install_filter(restore_cmd: int) -> int:
     """
     if os.uname().machine != "x86_64":
         raise OSError(errno.ENOSYS, "cusedev.seccomp supports x86_64 only")
-    prog = build_filter(restore_cmd)
+    prog = build_filter(trapped)
     flags = uapi.SECCOMP_FILTER_FLAG_NEW_LISTENER | uapi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     nnp_set = False
     while True:
@@ -235,7 +270,7 @@ def _child(
     gate: int,
     argv: Sequence[str],
     env: Mapping[str, str] | None,
-    restore_cmd: int,
+    trapped: Sequence[int],
     foreground: bool,
 ) -> None:  # pragma: no cover - runs in the forked child, reports through ``sock``
     """Set up the forked child and exec; never returns.  Errors go back as ``E<errno> <text>``."""
@@ -249,7 +284,7 @@ def _child(
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         drop_cap_sys_boot()
-        listener = install_filter(restore_cmd)
+        listener = install_filter(trapped)
         socket.send_fds(sock, [b"L"], [listener])
         os.close(listener)
         if os.read(gate, 1) != b"g":
@@ -272,7 +307,7 @@ def spawn(
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
     *,
-    restore_cmd: int = uapi.LIVEUPDATE_IOCTL_FD_RESTORE,
+    trapped: Sequence[int] | None = None,
     foreground: bool = False,
     handoff: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
@@ -296,6 +331,7 @@ def spawn(
     """
     if not argv:
         raise ValueError("spawn: empty argv")
+    cmds = default_trapped() if trapped is None else tuple(trapped)  # before fork: may import a profile
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # both O_CLOEXEC
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -309,7 +345,7 @@ def spawn(
     if pid == 0:  # pragma: no cover
         parent.close()
         os.close(gate_w)
-        _child(child, gate_r, argv, env, restore_cmd, foreground)
+        _child(child, gate_r, argv, env, cmds, foreground)
     child.close()
     os.close(gate_r)
     listener = -1

@@ -55,7 +55,7 @@ _pack_iovec = IOVEC.struct.pack
 
 CUSE_DEV = "/dev/cuse"
 MAX_IO = 128 * 1024
-# Per-thread retry state left by callers that died mid-retry is dropped beyond this.
+# Past this many threads with retry state, that of threads which died mid-retry is dropped.
 _MAX_RETRY_STATE = 4096
 
 
@@ -119,6 +119,12 @@ class CuseOps(DeviceOps):
             return RetryMemory(req.pid, asked[3], bytes(in_data), asked[4], CUSE_MAX_IOCTL_BYTES)
         return RetryMemory(req.pid, max_bytes=CUSE_MAX_IOCTL_BYTES)
 
+    def _prune(self) -> None:
+        """Drop the retry state of threads that are gone.  A live thread has at most one call in
+        flight, so what stays is bounded by the live callers and no in-flight state is lost."""
+        for tid in [t for t in self._asked if not os.path.exists(f"/proc/{t}")]:
+            del self._asked[tid]
+
     def ioctl_reply(self, result: int, mem: CallerMemory) -> Any:
         head = _pack_ioctl_out(result, 0, 0, 0)
         if type(mem) is RetryMemory:
@@ -133,7 +139,7 @@ class CuseOps(DeviceOps):
         except NeedRetry as r:
             fh, _flags, cmd, arg = IOCTL_IN.struct.unpack_from(body, 0)[:4]
             if len(self._asked) >= _MAX_RETRY_STATE:
-                self._asked.clear()
+                self._prune()
             self._asked[req.pid] = (fh, cmd, arg, r.in_ranges, r.out_ranges)
             parts = [_pack_ioctl_out(0, uapi.FUSE_IOCTL_RETRY, len(r.in_ranges), len(r.out_ranges))]
             parts += [_pack_iovec(a, n) for a, n in r.in_ranges]
