@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import io
 import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +47,8 @@ __all__ = [
     "IOWR",
     "codec",
     "ffi",
+    "cache_dir",
+    "load_ffi",
     "read_cdef",
 ]
 
@@ -70,46 +74,87 @@ def read_cdef(name: str) -> str:
     return _cdefs_dir().joinpath(name).read_text(encoding="utf-8")
 
 
-def _parse() -> Any:
-    """cffi's parse of the cdefs, through a generated out-of-line module when one is cached.
+def cache_dir() -> Path | None:
+    """Where parsed cdefs are kept: ``$CUSEDEV_CACHE_DIR``, else ``$XDG_CACHE_HOME/cusedev``, else ``~/.cache/cusedev``.
+
+    Per user and outside the package, so an install is never written to at run
+    time (a read-only or root-owned site-packages stays as pip left it, and
+    ``pip uninstall`` removes everything).  ``None`` when there is no home.
+    """
+    explicit = os.environ.get("CUSEDEV_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "cusedev"
+    home = os.path.expanduser("~")
+    return Path(home) / ".cache" / "cusedev" if os.path.isabs(home) else None
+
+
+def load_ffi(*names: str) -> Any:
+    """cffi's parse of the cdefs ``names`` (concatenated in order), cached per user.
 
     pycparser is by far the slowest part of starting any cusedev process (about
     15x the rest of this module; seconds under the CI VM's emulated CPU), so the
-    first import writes cffi's own serialisation of the parse
-    (``set_source(name, None)``: out-of-line ABI mode, no compiler) next to the
-    bytecode, keyed by a hash of the cdefs text and the cffi version; later
-    imports load that.  Where nothing is writable, every import parses.
+    first parse is saved as cffi's own serialisation (an out-of-line ABI-mode
+    module: no compiler) in :func:`cache_dir`, keyed by a hash of the text and the
+    cffi version, written once, atomically and silently; later imports load it.
+    Where the cache cannot be written every import parses, and nothing is printed.
     """
-    text = "".join(read_cdef(n) for n in CDEF_FILES)
+    text = "".join(read_cdef(n) for n in names)
     key = hashlib.sha256((cffi.__version__ + "\0" + text).encode()).hexdigest()[:16]
     name = f"_cusedev_ffi_{key}"
-    cache = Path(__file__).resolve().parent / "__pycache__"
-    path = cache / f"{name}.py"
-    if path.is_file():
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is not None and spec.loader is not None:
-            mod = importlib.util.module_from_spec(spec)
-            try:
-                spec.loader.exec_module(mod)
-                return mod.ffi
-            except Exception:  # a torn or foreign file: parse instead
-                pass
+    cache = cache_dir()
+    if cache is not None:
+        cached = _load_cached(cache / f"{name}.py", name)
+        if cached is not None:
+            return cached
     parsed = cffi.FFI()
     parsed.cdef(text)
-    try:
-        builder = cffi.FFI()
-        builder.cdef(text)
-        builder.set_source(name, None)
-        cache.mkdir(exist_ok=True)
-        tmp = cache / f".{name}.{os.getpid()}.tmp"
-        builder.emit_python_code(str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    if cache is not None:
+        _store(parsed, cache, name)
     return parsed
 
 
-ffi = _parse()
+def _load_cached(path: Path, name: str) -> Any:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    # executed as code: only a file of ours (or root's) that nobody else can rewrite
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        return mod.ffi
+    except Exception:  # a foreign or damaged file: parse instead (and rewrite it)
+        return None
+
+
+def _store(parsed: Any, cache: Path, name: str) -> None:
+    from cffi.recompiler import make_py_source
+
+    source = io.StringIO()
+    try:
+        make_py_source(parsed, name, source)  # emit_python_code() would print "generating ..."
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=cache)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(source.getvalue())
+            os.replace(tmp, cache / f"{name}.py")
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except Exception:  # read-only home, full disk, a cffi without the recompiler: parse next time too
+        pass
+
+
+ffi = load_ffi(*CDEF_FILES)
 # a freshly parsed FFI raises CDefError for an unknown type name, the out-of-line one ffi.error
 _LOOKUP_ERRORS: tuple[type[Exception], ...] = (cffi.CDefError, *((ffi.error,) if hasattr(ffi, "error") else ()))
 

@@ -204,6 +204,7 @@ class Server:
             s.stop()
         if self.transport is not None:
             await self.transport.stop()
+        _remove_runtime_dirs(self.device_path)
 
     async def wait_closed(self) -> None:
         """Until the kernel ends the device's connection (unmount, abort)."""
@@ -216,6 +217,23 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _remove_runtime_dirs(device_path: str) -> None:
+    """Drop this path's directories under /run/cusedev once empty, also those a killed run left.
+
+    The transports and the sysfs tree remove what they created, but a directory that a SIGKILLed
+    emulator left behind was not created by this run, so nobody else would ever remove it.
+    Only ``rmdir``: a directory still in use (a mount point, or not empty) stays.
+    """
+    from . import paths
+
+    private = paths.runtime_dir(device_path)
+    for d in (os.path.join(private, "sys"), os.path.join(private, "mnt"), private):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def sd_notify(state: str) -> bool:

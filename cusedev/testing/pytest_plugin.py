@@ -24,14 +24,15 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..profiles.v3.client import LiveUpdateDevice
-from .emulator import Emulator, available_transport
+if TYPE_CHECKING:  # imported by the fixtures: every pytest run in an environment with cusedev loads this plugin
+    from ..profiles.v3.client import LiveUpdateDevice
+    from .emulator import Emulator
 
-EMULATOR_KEY = pytest.StashKey[Emulator]()
+EMULATOR_KEY = pytest.StashKey["Emulator"]()
 TRACE_TAIL_LINES = int(os.environ.get("CUSEDEV_TRACE_TAIL", "40"))
 
 
@@ -58,6 +59,8 @@ def _skip_reason(transport: str) -> str | None:
         except OSError as e:
             return f"cusedev emulator: /dev/fuse is not usable ({e.strerror})"
         return None
+    from .emulator import available_transport
+
     best, why = available_transport()
     if best is None:
         return f"cusedev emulator: {why}"
@@ -75,6 +78,8 @@ def liveupdate_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     why = _skip_reason(kwargs["transport"])
     if why:
         pytest.skip(why)
+    from .emulator import Emulator
+
     emu = Emulator(**kwargs)
     request.node.stash[EMULATOR_KEY] = emu
     try:

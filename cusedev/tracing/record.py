@@ -75,8 +75,12 @@ def _label(state: Any) -> str:
     return label if isinstance(label, str) else str(state)
 
 
+#: errno names as the kernel's headers and docs spell them (Python's table says ENOTSUP for 95)
+_ERRNAMES = {**errno.errorcode, errno.EOPNOTSUPP: "EOPNOTSUPP", errno.EAGAIN: "EAGAIN", errno.EDEADLK: "EDEADLK"}
+
+
 def errname(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
+    return _ERRNAMES.get(code, str(code))
 
 
 # -- field decoding (at flush time) ------------------------------------------------------------------
@@ -685,7 +689,8 @@ def _fmt_value(v: Any) -> str:
 
 
 def _struct(fields: dict[str, Any]) -> str:
-    return "{" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items()) + "}"
+    return "{" + ", ".join(f"{k}={v:#x}" if k == "token" and isinstance(v, int) else f"{k}={_fmt_value(v)}"
+                           for k, v in fields.items()) + "}"
 
 
 _COLORS = {"err": "\033[31m", "inj": "\033[35m", "ev": "\033[33m", "dim": "\033[2m", "off": "\033[0m"}

@@ -44,7 +44,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         if not rows:
             return "none"
         return "\n" + "\n".join(
-            f"  token {r['token']:<20} {r['state']:<9} {r['size'] if r['size'] is not None else '?':>12} bytes"
+            f"  token {r['token']:<#20x} {r['state']:<9} {r['size'] if r['size'] is not None else '?':>12} bytes"
             + ("  restored" if r.get("restored") else "")
             for r in rows
         )
@@ -76,6 +76,22 @@ def state_dir(path: str, core: LiveUpdateCore) -> Any:
     from .statedir import StateDir
 
     return StateDir(path, core)
+
+
+# -- replay and control ------------------------------------------------------------------------------
+def replay(*args: Any, **kwargs: Any) -> int:
+    """v3's replay rules (``replay.replay``), imported only when a trace is replayed."""
+    from .replay import replay as run
+
+    return run(*args, **kwargs)
+
+
+def kho(device: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    """The ``kho`` control command: set the "KHO finalized" flag as the kernel's debugfs finalize
+    would (to test PREPARE's EEXIST)."""
+    core: LiveUpdateCore = device.core
+    core.kho_finalized = bool(msg.get("finalized", True))
+    return {"ok": True, "kho_finalized": core.kho_finalized}
 
 
 # -- trace --------------------------------------------------------------------------------------------

@@ -30,6 +30,14 @@ class State(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    def __str__(self) -> str:
+        """``print(dev.state)`` shows ``prepared``, not ``2`` (``int(state)`` is the number)."""
+        return self.label
+
+    def __format__(self, spec: str) -> str:
+        """f"{state}" the name too; a numeric spec (``d``, ``x``, ...) formats the number."""
+        return format(int(self), spec) if spec[-1:] in "bcdoxXn" and spec else format(self.label, spec)
+
 
 class Event(IntEnum):
     """Global and per-file events (values are the v3 ``enum liveupdate_event``)."""
