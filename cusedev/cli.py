@@ -78,6 +78,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inject", metavar="RULE", action="append", default=[],
                    help="fault injection, strace style: CMD:error=ERRNO[:when=N|N+|N+S][:delay=DUR], "
                         "prepare:error=ERRNO, kexec:error=ERRNO (repeatable)")
+    p.add_argument("--abi", default="v3", metavar="NAME",
+                   help="the ABI profile to emulate (default %(default)s); `--abi list` prints them")
     p.add_argument("--handler", metavar="MODULE:FACTORY", help=argparse.SUPPRESS)  # tests: a stub device
     p.set_defaults(func=_run_serve)
 
@@ -85,14 +87,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from .control.server import load_handler, print_ready, serve
 
+    if args.abi == "list":
+        _list_profiles()
+        return 0
     uid, gid = _uid(args.owner), _gid(args.group)
-    handler = load_handler(args.handler) if args.handler else None
+    handler = load_handler(args.handler) if args.handler else _device(args.abi)
     if args.trace or args.inject:
         handler = _traced_handler(handler, args.trace, args.inject)
     asyncio.run(serve(args.device, args.transport, on_ready=print_ready, handler=handler, mode=args.mode,
                       uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir, sysfs=args.sysfs,
                       sysfs_root=args.sysfs_root))
     return 0
+
+
+def _list_profiles() -> None:
+    from . import profiles
+
+    seen: dict[str, list[str]] = {}
+    for name in profiles.names():
+        seen.setdefault(profiles.get(name).name, []).append(name)
+    for name, called in seen.items():
+        p = profiles.get(name)
+        aliases = [n for n in called if n != name]
+        default = " (default)" if name == profiles.DEFAULT else ""
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        print(f"{name}{default}{also}: {p.summary}")
+
+
+def _device(abi: str) -> DeviceHandler:
+    """The emulated device of ABI profile ``abi``; a one-line error for an unknown name."""
+    from .device.openfiles import EmulatedDevice
+
+    try:
+        return EmulatedDevice(profile=abi)
+    except ValueError as e:
+        raise CliError(f"--abi: {e}; `cusedev serve --abi list` shows them") from None
 
 
 def _traced_handler(handler: DeviceHandler | None, trace_path: str | None, rules: list[str]) -> DeviceHandler:

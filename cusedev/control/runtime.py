@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from .. import uapi
@@ -23,7 +24,7 @@ from ..device.memory import ProcessVmMemory
 from ..device.openfiles import EmulatedDevice
 from ..device.seam import Caller
 from ..run.seccomp import Notification, Supervisor
-from .channel import Connection, ControlServer
+from .channel import Command, Connection, ControlServer
 
 log = logging.getLogger(__name__)
 #: how often a trapped call in progress checks that its task is still waiting (seconds)
@@ -41,8 +42,8 @@ class Runtime:
         self.runs: set[Connection] = set()
         self.control = ControlServer(
             server.device_path,
-            {"status": self._status, "kexec": self._kexec, "attach": self._attach, "kho": self._kho,
-             "trace": self._trace, "inject": self._inject},
+            {"status": self._status, "kexec": self._kexec, "attach": self._attach,
+             "trace": self._trace, "inject": self._inject, **self._profile_commands()},
             gid=gid,
         )
         self.supervisors: list[Supervisor] = []
@@ -104,10 +105,12 @@ class Runtime:
     def _kexec(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return self.kexec()
 
-    def _kho(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """Set the "KHO finalized" flag as the kernel's debugfs finalize would (to test EEXIST)."""
-        self.device.core.kho_finalized = bool(msg.get("finalized", True))
-        return {"ok": True, "kho_finalized": self.device.core.kho_finalized}
+    def _profile_commands(self) -> dict[str, Command]:
+        """The profile's own control commands (v3: ``kho``), called with the device."""
+        def bind(fn: Callable[[Any, dict[str, Any]], dict[str, Any]]) -> Command:
+            return lambda c, msg, fds: fn(self.device, msg)
+
+        return {name: bind(fn) for name, fn in self.device.profile.control.items()}
 
     # -- tracing and fault injection (cusedev.trace, cusedev.inject) ------------------------------
     def _trace(self, c: Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:

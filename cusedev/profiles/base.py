@@ -66,7 +66,8 @@ How to write a profile (``profiles/v3/`` is the worked example):
    ``sysfs(model)`` maps attribute paths under the sysfs root
    (``"kernel/liveupdate/state"``) to functions giving their text (empty: no
    sysfs attributes); ``trace`` names commands and decodes fields for the
-   trace records (``TraceRules``); ``client`` is the typed client class.
+   trace records (``TraceRules``); ``replay`` re-issues a recorded trace;
+   ``control`` adds control-socket commands; ``client`` is the typed client class.
 
 7. **Register** it at import of your package's ``profile`` module:
    ``register(PROFILE)``, and add the module to ``_BUILTIN`` below so that
@@ -234,6 +235,11 @@ class Profile:
     state_dir: Callable[[str, Any], StateCodec] | None = None
     #: the cdefs headers that declare this ABI
     cdefs: tuple[str, ...] = ()
+    #: ``replay(records, device, *, stop_at_kexec, after_kexec, quiet, out, path) -> 0|1``: re-issue a
+    #: trace of this profile (header first) and report divergences; None: no replay
+    replay: Callable[..., int] | None = None
+    #: extra control-socket commands (``name -> command(device, msg) -> reply``), e.g. v3's ``kho``
+    control: Mapping[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
     aliases: tuple[str, ...] = field(default=())
 
 

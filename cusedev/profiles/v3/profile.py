@@ -37,4 +37,6 @@ PROFILE = register(Profile(
     fault_points=("prepare", "kexec"),
     state_dir=codecs.state_dir,
     cdefs=("luo_v3.h",),
+    replay=codecs.replay,
+    control={"kho": codecs.kho},
 ))
