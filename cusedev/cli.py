@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import grp
 import json
 import logging
 import os
 import pwd
+import shutil
+import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -157,7 +161,29 @@ def _control(device: str, cmd: str, **args: object) -> dict:
     try:
         return request(device, cmd, **args)
     except ControlError as e:
+        stale = _stale_socket(device)
+        if stale:
+            raise CliError(f"the emulator of {device} is not running: {stale} is a stale control socket "
+                           f"(left by an emulator that was killed; the next `cusedev serve --device {device}` "
+                           "clears it)") from None
         raise CliError(str(e)) from None
+
+
+def _stale_socket(device: str) -> str | None:
+    """The control socket's path when it exists but nobody listens (its emulator was SIGKILLed)."""
+    from .control.paths import control_socket
+
+    path = control_socket(device)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        return path
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None
 
 
 # -- status ------------------------------------------------------------------
@@ -249,17 +275,35 @@ def _run_trace_show(args: argparse.Namespace) -> int:
     except RuleError as e:
         raise CliError(str(e)) from None
     try:
+        _check_trace_header(args.file)
         trace.show(args.file, as_json=args.json, pid=args.pid, cmd=cmd)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main() ends quietly
     except OSError as e:
         raise CliError(f"{args.file}: {e.strerror}") from None
-    except BrokenPipeError:
-        pass
     return 0
+
+
+def _check_trace_header(path: str) -> None:
+    """Refuse what is not a cusedev trace of a format this version reads, as ``trace replay`` does."""
+    from .tracing.record import FORMAT_VERSION
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        head = json.loads(first)
+    except ValueError:
+        head = None
+    if not isinstance(head, dict) or head.get("type") != "header":
+        raise CliError(f"{path}: not a cusedev trace (no header record)")
+    if head.get("format") != FORMAT_VERSION:
+        raise CliError(f"{path}: trace format {head.get('format')}, this cusedev reads {FORMAT_VERSION}")
 
 
 def _run_trace_replay(args: argparse.Namespace) -> int:
     from .tracing.replay import ReplayError, replay
 
+    _refuse_own_trace(args.file, args.device)
     try:
         return replay(args.file, args.device, stop_at_kexec=args.stop_at_kexec, after_kexec=args.after_kexec,
                       quiet=args.quiet)
@@ -267,11 +311,32 @@ def _run_trace_replay(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def _refuse_own_trace(path: str, device: str) -> None:
+    """Replaying a trace into the emulator recording it would append to the file being read, forever."""
+    from .control.channel import ControlError, request
+
+    try:
+        tracing = request(device, "trace", action="status").get("path")
+    except (ControlError, OSError):
+        return  # not an emulator (a real kernel's device, or none): replay says what is wrong
+    try:
+        same = bool(tracing) and os.path.samefile(str(tracing), path)
+    except OSError:
+        same = False
+    if same:
+        raise CliError(f"{path}: the emulator of {device} is recording this trace; replay it into another "
+                       "emulator (cusedev serve --device OTHER) or stop the recording first (cusedev trace stop)")
+
+
 # -- inject ------------------------------------------------------------------
 def _add_inject(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inject", help="add fault-injection rules to a running emulator (or list/clear them)")
+    p = sub.add_parser("inject", help="add fault-injection rules to a running emulator (or list/clear them)",
+                       description="Add fault-injection rules to a running emulator, then print its rules, "
+                       "one a line with its hits: how many calls matched the rule's command (or point) so "
+                       "far, whether or not its `when` made it fire.")
     p.add_argument("rules", nargs="*", metavar="RULE",
                    help="CMD:error=ERRNO[:when=N|N+|N+S][:delay=DUR], prepare:error=ERRNO, kexec:error=ERRNO")
+    p.add_argument("--list", action="store_true", help="only print the rules and their hits (the default with no RULE)")
     p.add_argument("--clear", action="store_true", help="remove every rule first")
     _device_arg(p)
     p.set_defaults(func=_run_inject)
@@ -285,9 +350,13 @@ def _run_inject(args: argparse.Namespace) -> int:
             parse_rule(rule)
     except RuleError as e:
         raise CliError(str(e)) from None
+    if args.list and (args.rules or args.clear):
+        raise CliError("inject: --list takes no RULE and no --clear")
     r = _control(args.device, "inject", rules=args.rules, clear=args.clear)
     if not r.get("ok"):
         raise CliError(str(r.get("error")))
+    if not r["rules"] and (args.list or not (args.rules or args.clear)):
+        print("no rules")
     for row in r["rules"]:
         print(f"{row['rule']}  (hits {row['hits']})")
     return 0
@@ -308,12 +377,28 @@ def _run_run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise CliError("run: no command given (cusedev run [--device PATH] -- CMD ARGS)")
+    cannot = _not_runnable(argv[0])
+    if cannot:
+        print(f"cusedev run: {argv[0]}: {cannot[1]}", file=sys.stderr)
+        return cannot[0]
     try:
         return asyncio.run(run_under(args.device, argv))
     except ControlError as e:
         raise CliError(str(e)) from None
-    except FileNotFoundError as e:
-        raise CliError(f"run: {argv[0]}: {e.strerror}") from None
+    except (FileNotFoundError, PermissionError) as e:  # it changed since the check
+        print(f"cusedev run: {argv[0]}: {e.strerror}", file=sys.stderr)
+        return 127 if isinstance(e, FileNotFoundError) else 126
+
+
+def _not_runnable(cmd: str) -> tuple[int, str] | None:
+    """A shell's verdict on CMD before anything starts: (127, why) missing, (126, why) not executable."""
+    if "/" not in cmd:
+        return None if shutil.which(cmd) else (127, "command not found")
+    if not os.path.exists(cmd):
+        return 127, os.strerror(errno.ENOENT)
+    if os.path.isdir(cmd) or not os.access(cmd, os.X_OK):
+        return 126, os.strerror(errno.EISDIR if os.path.isdir(cmd) else errno.EACCES)
+    return None
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -329,17 +414,58 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    for p in _leaf_parsers(parser):
+        # after the subcommand too (`cusedev serve -v`); SUPPRESS keeps a `cusedev -v serve`
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more logging (-vv: debug)")
     return parser
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that take a subcommand's own options (`serve`, `trace show`, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for p in dict.fromkeys(subs[0].choices.values()) for leaf in _leaf_parsers(p)]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported with the usage of the subcommand it was given to."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        p = parser
+        for dest in ("command", "trace_command"):
+            subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+            name = getattr(args, dest, None)
+            if not subs or name is None:
+                break
+            p = subs[0].choices[name]
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our stdout is gone (`cusedev status | true`): stop quietly, as `cat` would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush into the dead pipe at exit
+    except OSError:
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="cusedev: %(levelname)s: %(message)s", stream=sys.stderr)
     from .control.server import ServeError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except (CliError, ServeError) as e:
         print(f"cusedev: error: {e}", file=sys.stderr, flush=True)
         return 1
