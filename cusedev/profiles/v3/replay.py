@@ -137,7 +137,12 @@ class Replayer:
     def check_errno(self, rec: dict[str, Any], got: int) -> bool:
         want = rec.get("errno", 0)
         if want != got:
-            self.diverge(rec, f"errno: recorded {errname(want) if want else 0}, got {errname(got) if got else 0}")
+            hint = ""
+            if got == errno.EOPNOTSUPP and rec.get("cmd") == _RESTORE:
+                hint = (" (the emulator installs a restored fd only under `cusedev run`: "
+                        "cusedev run -- cusedev trace replay ...)")
+            self.diverge(rec, f"errno: recorded {errname(want) if want else 0}, got {errname(got) if got else 0}"
+                         + hint)
             return False
         return True
 
