@@ -95,12 +95,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         _list_profiles()
         return 0
     uid, gid = _uid(args.owner), _gid(args.group)
-    handler = load_handler(args.handler) if args.handler else _device(args.abi)
+    handler = load_handler(args.handler) if args.handler else None
     if args.trace or args.inject:
-        handler = _traced_handler(handler, args.trace, args.inject)
+        handler = _traced_handler(handler or _device(args.abi), args.trace, args.inject)
     asyncio.run(serve(args.device, args.transport, on_ready=print_ready, handler=handler, mode=args.mode,
                       uid=uid, gid=gid, memory=args.memory, state_dir=args.state_dir, sysfs=args.sysfs,
-                      sysfs_root=args.sysfs_root))
+                      sysfs_root=args.sysfs_root, abi=args.abi))
     return 0
 
 

@@ -40,12 +40,16 @@ class ServeError(Exception):
     """The emulator cannot start; the message is one line for the user."""
 
 
-def load_handler(spec: str | None) -> DeviceHandler:
-    """A handler from ``module:factory`` (default: the LUO device)."""
+def load_handler(spec: str | None, abi: str | None = None) -> DeviceHandler:
+    """A handler from ``module:factory`` (default: the emulated device of ABI profile ``abi``)."""
     if not spec:
+        from .. import profiles
         from ..device.openfiles import EmulatedDevice
 
-        return EmulatedDevice()
+        try:
+            return EmulatedDevice(profile=abi or profiles.DEFAULT)
+        except ValueError as e:
+            raise ServeError(f"--abi: {e}; `cusedev serve --abi list` shows them") from None
     mod, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(mod), attr or "Handler")
@@ -77,10 +81,12 @@ class Server:
     def __init__(self, device_path: str = DEFAULT_DEVICE, transport: str = "auto", *,
                  handler: DeviceHandler | None = None, mode: int = 0o600, uid: int = 0, gid: int = 0,
                  memory: str = "retry", state_dir: str | None = None, sysfs: str | None = None,
-                 sysfs_root: str | None = None):
+                 sysfs_root: str | None = None, abi: str | None = None):
         self.device_path = os.path.abspath(device_path)
         self.requested_transport = transport
         self.handler = handler
+        #: the ABI profile of the device made at start when no handler is given (None: the default)
+        self.abi = abi
         self.mode, self.uid, self.gid = mode, uid, gid
         self.memory = memory
         self.transport: Any = None
@@ -116,7 +122,7 @@ class Server:
             raise ServeError("must run as root (mounting FUSE / creating device nodes)")
         self.loop = asyncio.get_running_loop()
         if self.handler is None:
-            self.handler = load_handler(None)
+            self.handler = load_handler(None, self.abi)
         if self.state_dir is not None:
             profile = getattr(self.handler, "profile", None)
             if profile is None or profile.state_dir is None:

@@ -13,11 +13,11 @@ import fcntl
 import os
 import stat
 
-from ..libc import fail
+from ..libc import fail, libc
 
 TMPFS_MAGIC = 0x01021994
 
-_libc = ctypes.CDLL(None, use_errno=True)
+
 
 
 class _Statfs(ctypes.Structure):
@@ -26,7 +26,7 @@ class _Statfs(ctypes.Structure):
 
 def fs_type(fd: int) -> int:
     buf = _Statfs()
-    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return buf.f_type

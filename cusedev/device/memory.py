@@ -14,6 +14,7 @@ import errno
 import os
 from typing import Any
 
+from ..libc import function
 from .seam import NeedRetry
 
 __all__ = ["ProcessVmMemory", "RetryMemory", "PAGE_SIZE", "CUSE_MAX_IOCTL_BYTES", "FUSE_IOCTL_MAX_IOV"]
@@ -31,12 +32,10 @@ class _IOVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 # No argtypes: every argument is already a ctypes object or a small int, which
 # skips ctypes' per-call conversion (this is on the ioctl hot path).
-_readv = _libc.process_vm_readv
-_writev = _libc.process_vm_writev
-_readv.restype = _writev.restype = ctypes.c_ssize_t
+_readv = function("process_vm_readv", restype=ctypes.c_ssize_t)
+_writev = function("process_vm_writev", restype=ctypes.c_ssize_t)
 
 # One scratch buffer and one pair of iovecs shared by every call: the event
 # loop is single-threaded and a call never yields, so sharing them saves the

@@ -10,9 +10,9 @@ import ctypes
 import errno
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+from ..libc import function
+
+_syscall = function("syscall", restype=ctypes.c_long)
 
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438

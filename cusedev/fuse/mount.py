@@ -6,14 +6,15 @@ import ctypes
 import errno
 import os
 
+from ..libc import function
+
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_mount = function("mount", [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p])
+_umount2 = function("umount2", [ctypes.c_char_p, ctypes.c_int])
 
 
 def _check(rc: int, what: str, path: str) -> None:
@@ -23,13 +24,13 @@ def _check(rc: int, what: str, path: str) -> None:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+    _check(_mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
                        data.encode() if data is not None else None), "mount", target)
 
 
 def umount_lazy(target: str) -> None:
     """umount2(MNT_DETACH): never blocks on a busy or dead FUSE server."""
-    _check(_libc.umount2(target.encode(), MNT_DETACH), "umount", target)
+    _check(_umount2(target.encode(), MNT_DETACH), "umount", target)
 
 
 def _unescape(field: str) -> str:

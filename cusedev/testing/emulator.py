@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import control
 from ..control import paths
+from ..libc import function
 
 if TYPE_CHECKING:
     from ..control.server import Server
@@ -63,7 +64,7 @@ __all__ = ["Emulator", "EmulatorError", "available_transport"]
 #: The source tree holding this package: children must import the same cusedev as we do.
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
+_umount2 = function("umount2", [ctypes.c_char_p, ctypes.c_int])
 
 
 class EmulatorError(RuntimeError):
@@ -119,7 +120,7 @@ def _cleanup(device_path: str, tmpdir: str | None, proc: subprocess.Popen[bytes]
         if not left:
             break
         for mp in left:
-            _libc.umount2(mp.encode(), _MNT_DETACH)
+            _umount2(mp.encode(), _MNT_DETACH)
     sock = paths.control_socket(device_path)
     if os.path.exists(sock):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

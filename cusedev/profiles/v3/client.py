@@ -12,15 +12,13 @@ import ctypes
 import os
 from typing import Any
 
+from ...libc import function
 from . import uapi
 from .model import Event, State
 
 __all__ = ["Event", "LiveUpdateDevice", "State", "new_struct"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_ioctl = _libc.ioctl
-_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_ioctl.restype = ctypes.c_int
+_ioctl = function("ioctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p))
 
 
 def _ctype(name: str) -> str:

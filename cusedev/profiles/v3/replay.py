@@ -27,17 +27,17 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ...libc import function
 from ...tracing.record import errname
 from ...tracing.replay import ReplayError
 from . import uapi
 from .client import LiveUpdateDevice
 
 PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mmap = function("mmap", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long),
+                 ctypes.c_void_p)
+_munmap = function("munmap", (ctypes.c_void_p, ctypes.c_size_t))
+_mprotect = function("mprotect", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
 _MAX_BUF = 1 << 22
 _OP_SIZE = {cmd: io.size for cmd, io in uapi.LUO_IOCTLS.items()}
 _GS = uapi.LIVEUPDATE_IOCTL_GET_STATE
@@ -52,28 +52,28 @@ class Region:
         n = len(data)
         pages = (n + PAGE - 1) // PAGE + 1
         self.length = (pages + 1) * PAGE
-        base = _libc.mmap(None, self.length, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        base = _mmap(None, self.length, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if base in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap")
         self.base = base
-        _libc.munmap(base + pages * PAGE, PAGE)  # a hole after the data pages
+        _munmap(base + pages * PAGE, PAGE)  # a hole after the data pages
         self.length = pages * PAGE
         self.addr = base + pages * PAGE - n if how in ("edge", "readonly") else base
         ctypes.memmove(self.addr, data, n)
         if how == "readonly":
-            _libc.mprotect(base, self.length, 1)
+            _mprotect(base, self.length, 1)
         self.n = n
 
     def read(self, n: int) -> bytes:
         return ctypes.string_at(self.addr, min(n, self.n))
 
     def close(self) -> None:
-        _libc.munmap(self.base, self.length)
+        _munmap(self.base, self.length)
 
 
 def _unmapped_addr() -> int:
-    p = _libc.mmap(None, PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    _libc.munmap(p, PAGE)
+    p = _mmap(None, PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    _munmap(p, PAGE)
     return p
 
 
