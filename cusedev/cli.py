@@ -239,7 +239,7 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true", help="pass the matching records through as JSON Lines")
     s.add_argument("--pid", type=int, help="only this pid (or tid)")
-    s.add_argument("--cmd", help="only this ioctl (FD_PRESERVE, LIVEUPDATE_IOCTL_GET_STATE, 0xba03)")
+    s.add_argument("--cmd", help="only this ioctl: a command name of the profile (short or full) or a number (0xba03)")
     s.set_defaults(func=_run_trace_show)
     s = tsub.add_parser("replay", help="re-issue a trace's calls against a device and report divergences")
     s.add_argument("file", metavar="FILE")
@@ -364,7 +364,7 @@ def _run_inject(args: argparse.Namespace) -> int:
 
 # -- run ---------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run CMD so that FD_RESTORE installs fds and reboot(KEXEC) is emulated")
+    p = sub.add_parser("run", help="run CMD so that fd-returning ioctls install fds and reboot(KEXEC) is emulated")
     _device_arg(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
     p.set_defaults(func=_run_run)

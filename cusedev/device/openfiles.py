@@ -85,7 +85,7 @@ class EmulatedDevice:
         self._warned: set[str] = set()
         from ..tracing.inject import Injector
 
-        #: fault-injection rules (``device.injector.add("FD_PRESERVE:error=ENOSPC")``), a chain member
+        #: fault-injection rules (``device.injector.add("all:error=EIO:when=3")``), a chain member
         self.injector = Injector(self)
 
     @property
@@ -238,7 +238,7 @@ class EmulatedDevice:
                 return t.installer
         return self.installer
 
-    def warn_no_installer(self, what: str = "FD_RESTORE") -> None:
+    def warn_no_installer(self, what: str) -> None:
         if what not in self._warned:
             self._warned.add(what)
             log.warning("%s cannot install an fd in a process that is not under `cusedev run`; "
