@@ -187,3 +187,23 @@ def test_example_service_unit_verifies(tmp_path: Path) -> None:
     p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+
+
+def test_install_script_into_a_venv_python_and_uninstall(tmp_path: Path) -> None:
+    """scripts/install with a venv's python: installed there, linked, and --uninstall removes both."""
+    src = tmp_path / "src"
+    _copy_checkout(src)
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    links = tmp_path / "bin"
+    env = {**os.environ, "PYTHON": str(venv / "bin/python"), "CUSEDEV_LINK_DIR": str(links)}
+    p = subprocess.run([str(src / "scripts/install")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(f"python with 'import cusedev': {venv}/bin/python"), p.stderr
+    assert os.path.realpath(links / "cusedev") == str(venv / "bin/cusedev")
+    v = subprocess.run([str(links / "cusedev"), "--version"], capture_output=True, text=True, cwd="/")
+    assert v.returncode == 0 and v.stdout.startswith("cusedev ")
+    p = subprocess.run([str(src / "scripts/install"), "--uninstall"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert not (links / "cusedev").exists() and not (venv / "bin/cusedev").exists()
+    assert vpy(venv, "-c", "import cusedev").returncode == 1
