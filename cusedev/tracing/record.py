@@ -277,6 +277,8 @@ class Tracer(Interceptor):
         self._names_json = {cmd: json.dumps(name) for cmd, name in self.rules.names.items()}
         self._enums: Enums = self.rules.enums
         self._ffi = getattr(device.profile, "ffi", None)
+        if self._ffi is None and any(h not in uapi.CDEF_FILES for h in device.profile.cdefs):
+            self._ffi = uapi.load_ffi("types.h", *device.profile.cdefs)  # a profile with its own header
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
