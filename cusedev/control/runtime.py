@@ -151,7 +151,8 @@ class Runtime:
         return {"ok": True}
 
     def _is_device(self, fd: int) -> bool:
-        """Whether ``fd`` is an open file of this emulator's node (the filter cannot tell fds apart)."""
+        """Whether ``fd`` is an open file of this emulator's node (the filter cannot tell fds apart).
+        Never on the loop's thread (see ``_on_ioctl``)."""
         try:
             st, ref = os.fstat(fd), os.stat(self.server.device_path)
         except OSError:
@@ -177,7 +178,8 @@ class Runtime:
             n.continue_()
             return
         try:
-            if not self._is_device(dup):
+            # off the loop: a stat of the FUSE file may be a GETATTR request, which only the loop answers
+            if not await asyncio.get_running_loop().run_in_executor(None, self._is_device, dup):
                 n.continue_()
                 return
             call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
