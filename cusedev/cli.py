@@ -250,6 +250,19 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--after-kexec", action="store_true", help="replay only what follows the kexec")
     s.add_argument("-q", "--quiet", action="store_true", help="only divergences and the summary")
     s.set_defaults(func=_run_trace_replay)
+    s = tsub.add_parser("record", help="run CMD and record its LUO ioctls (and reboot) with ptrace, against any device")
+    s.add_argument("-o", "--output", metavar="FILE", default="luo-trace.jsonl",
+                   help="the trace file (default luo-trace.jsonl; created mode 0600)")
+    s.add_argument("--device", action="append", metavar="PATH",
+                   help="a path that is the device (repeatable; default /dev/liveupdate)")
+    s.add_argument("--abi", metavar="NAME", help="the ABI profile to decode with (default: the emulator's, or 7.2)")
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
+    s.set_defaults(func=_run_trace_record)
+    s = tsub.add_parser("diff", help="compare two traces call by call; exit 0 when they agree")
+    s.add_argument("a", metavar="A")
+    s.add_argument("b", metavar="B")
+    s.add_argument("--max", type=int, default=5, metavar="N", help="print at most N divergences (default 5)")
+    s.set_defaults(func=_run_trace_diff)
 
 
 def _run_trace_start(args: argparse.Namespace) -> int:
@@ -309,6 +322,32 @@ def _run_trace_replay(args: argparse.Namespace) -> int:
                       quiet=args.quiet)
     except ReplayError as e:
         raise CliError(str(e)) from None
+
+
+def _run_trace_record(args: argparse.Namespace) -> int:
+    from .tracing.ptrace import RecordError, not_runnable, record
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError("trace record: no command given (cusedev trace record [-o FILE] -- CMD ARGS)")
+    why = not_runnable(argv[0])
+    if why:
+        print(f"cusedev trace record: {argv[0]}: {why}", file=sys.stderr)
+        return 127
+    try:
+        return record(args.output, argv, args.device or ["/dev/liveupdate"], args.abi)
+    except RecordError as e:
+        raise CliError(str(e)) from None
+
+
+def _run_trace_diff(args: argparse.Namespace) -> int:
+    from .tracing.diff import DiffError, diff
+
+    try:
+        return diff(args.a, args.b, limit=args.max)
+    except DiffError as e:
+        print(f"cusedev: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _refuse_own_trace(path: str, device: str) -> None:

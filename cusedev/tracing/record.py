@@ -734,6 +734,8 @@ def format_record(r: dict[str, Any], color: bool = False) -> str | None:
         if r.get("file"):
             f = r["file"]
             argtxt += f" <{f.get('kind')}" + (f" {f['size']}B" if "size" in f else "") + ">"
+        if "state_before" not in r:  # a client-side (ptrace) record: no model state, no time in a driver
+            return f"{stamp} {who}ioctl({cmdtxt}, {argtxt}) {result()}"
         sb, sa = r.get("state_before", "?"), r.get("state_after", "?")
         states = f"<{sb}>" if sb == sa else f"{c['ev']}<{sb} → {sa}>{c['off']}"
         dur = f"{r.get('dur_us', 0):.0f}us"
