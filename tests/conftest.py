@@ -19,8 +19,9 @@ Both take their ``serve`` arguments from an indirect parameter
 closest ``@pytest.mark.serve(*args)`` marker (a module's ``pytestmark`` for ``shared_emulator``);
 ``{dir}`` in an argument is the emulator's own directory.
 
-Seeds: the randomised tests (fuzz, crash) take their seed from the ``seeds`` fixture; the header of
-every run prints them and ``CUSEDEV_FUZZ_SEED`` / ``CUSEDEV_CRASH_SEED`` set them to reproduce a run.
+Seeds: the randomised tests (fuzz, crash) take their seed from the ``seeds`` fixture; the header and
+the summary of every run print them.  To reproduce a run, set ``CUSEDEV_FUZZ_SEED`` /
+``CUSEDEV_CRASH_SEED``, or pass ``--cusedev-seed fuzz=N`` (pytest arguments reach the VM's pytest too).
 """
 
 from __future__ import annotations
@@ -45,17 +46,34 @@ def _transport_from_env() -> str:
     return os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse").strip().lower() or "fuse"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cusedev-seed", action="append", default=[], metavar="FAMILY=N",
+                     help=f"seed of a randomised test family ({', '.join(SEED_VARS)}); overrides its variable")
+
+
+def _given_seeds(config: pytest.Config) -> dict[str, int]:
+    """Seeds fixed by the command line, else by the environment."""
+    given = {f: os.environ[v].strip() for f, v in SEED_VARS.items() if os.environ.get(v, "").strip()}
+    for item in config.getoption("--cusedev-seed"):
+        family, _, value = item.partition("=")
+        if family not in SEED_VARS or not value:
+            raise pytest.UsageError(f"--cusedev-seed {item!r}: expected FAMILY=N with FAMILY one of "
+                                    f"{', '.join(SEED_VARS)}")
+        given[family] = value
+    try:
+        return {f: int(v, 0) for f, v in given.items()}
+    except ValueError as e:
+        raise pytest.UsageError(f"a seed must be an integer: {e}") from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # A typo in the variable must stop the run, not quietly test the wrong thing.
     name = _transport_from_env()
     if name not in TRANSPORTS:
         raise pytest.UsageError(f"CUSEDEV_TEST_TRANSPORT={name!r}: expected one of {', '.join(TRANSPORTS)}")
     # Chosen once per run, so that the header can print them before any test uses them.
-    seeds = {}
-    for family, var in SEED_VARS.items():
-        given = os.environ.get(var, "").strip()
-        seeds[family] = int(given, 0) if given else random.randrange(1 << 32)
-    config.stash[SEEDS_KEY] = seeds
+    given = _given_seeds(config)
+    config.stash[SEEDS_KEY] = {f: given[f] if f in given else random.randrange(1 << 32) for f in SEED_VARS}
     # The fixtures of cusedev's pytest plugin (liveupdate_emulator, liveupdate_device) for a source
     # checkout too; an installed cusedev has already loaded it through its pytest11 entry point.
     import cusedev.pytest_plugin as plugin
@@ -75,7 +93,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     # Again at the end, where a failure's reader looks (the header may have scrolled away).
-    terminalreporter.write_line(_seed_line(config) + "  (set them to reproduce this run)")
+    seeds = config.stash[SEEDS_KEY]
+    flags = " ".join(f"--cusedev-seed {f}={s}" for f, s in seeds.items())
+    terminalreporter.write_line(f"{_seed_line(config)}  (to reproduce: set them, or pass {flags})")
 
 
 @pytest.fixture(scope="session")

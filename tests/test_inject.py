@@ -17,6 +17,7 @@ import pytest
 from _server import ServerProc
 from test_trace import cli, records, wait_for
 
+from cusedev import control
 from cusedev import uapi as U
 from cusedev.client import LiveUpdateDevice, State
 from cusedev.device.openfiles import EmulatedDevice as Device
@@ -122,7 +123,8 @@ def test_kexec_error_back_to_normal(shared_emulator: ServerProc) -> None:
 def test_delay_does_not_hold_up_other_calls(shared_emulator: ServerProc) -> None:
     """Exclusive open: the concurrent call comes from another thread on the same open file."""
     dev = shared_emulator.device
-    cli("inject", "GET_FD_STATE:delay=300ms", "SET_FD_EVENT:error=EAGAIN:delay=200ms", "--device", dev, check=True)
+    rules = ["GET_FD_STATE:delay=300ms", "SET_FD_EVENT:error=EAGAIN:delay=200ms"]
+    assert control.request(dev, "inject", rules=rules)["ok"]  # no CLI start: `cusedev inject` is tested above
     with LiveUpdateDevice(dev) as d:
         fd = os.memfd_create("t")
         os.write(fd, b"x" * 100)
