@@ -13,13 +13,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import cffi
-
 from ... import uapi as generic
 
-ffi = cffi.FFI()
-ffi.cdef(generic.read_cdef("types.h"))
-ffi.cdef(generic.read_cdef("luo_session.h"))
+ffi = generic.load_ffi("types.h", "luo_session.h")  # cached per user, like the v3 parse
 _lib = ffi.dlopen(None)
 
 #: every enum member and #define of luo_session.h, name -> value
