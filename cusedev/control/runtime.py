@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import uapi
 from ..device import pidfd
@@ -25,6 +25,9 @@ from ..device.openfiles import EmulatedDevice
 from ..device.seam import Caller
 from ..run.seccomp import Notification, Supervisor
 from .channel import Command, Connection, ControlServer
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger(__name__)
 #: how often a trapped call in progress checks that its task is still waiting (seconds)
@@ -36,7 +39,7 @@ REBOOT_MAGIC2 = {uapi.LINUX_REBOOT_MAGIC2, uapi.LINUX_REBOOT_MAGIC2A, uapi.LINUX
 class Runtime:
     """Control plane of one emulator (a leaf beside the device, never on the ioctl path)."""
 
-    def __init__(self, server: Any, device: EmulatedDevice, *, gid: int = 0):
+    def __init__(self, server: Server, device: EmulatedDevice, *, gid: int = 0):
         self.server = server
         self.device = device
         self.runs: set[Connection] = set()

@@ -24,11 +24,15 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..device.seam import DeviceHandler
 from ..fuse.wire import Connection
-from ..transport import TransportError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .sysfs import SysfsTree
+from ..transport import Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +93,16 @@ class Server:
         self.abi = abi
         self.mode, self.uid, self.gid = mode, uid, gid
         self.memory = memory
-        self.transport: Any = None
+        self.transport: Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._connections: list[Connection] = []
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stopped = False
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
         self.state_dir = state_dir
         #: sysfs tree: None (none), "auto", "fuse" or "files"; root default <runtime dir>/sys
         self.sysfs_mode, self.sysfs_root = sysfs, sysfs_root
-        self.sysfs: Any = None
+        self.sysfs: SysfsTree | None = None
 
     @property
     def transport_name(self) -> str:
@@ -107,6 +111,7 @@ class Server:
     @property
     def connection(self) -> Connection:
         """The device's FUSE connection (its ``closed`` future ends when the kernel drops us)."""
+        assert self.transport is not None and self.transport.connection is not None, "not started"
         return self.transport.connection
 
     def add_connection(self, connection: Connection) -> None:

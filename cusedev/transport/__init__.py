@@ -7,6 +7,24 @@ removes everything it created).  ``connection`` is its ``fuse.wire.Connection``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..fuse.wire import Connection
+
+
+class Transport(Protocol):
+    """What the server asks of a front end (``CuseTransport``, ``FuseFileTransport``)."""
+
+    name: str
+    device_path: str
+    #: the FUSE connection serving the node, once started
+    connection: Connection | None
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
 
 class TransportError(Exception):
     """A transport cannot start; the message is one line for the user."""
