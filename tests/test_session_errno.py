@@ -542,7 +542,9 @@ def only_unreleased_sessions_cross(h: H) -> None:
 def reopen_through_proc(h: H) -> None:
     assert h.err_open(f"/proc/self/fd/{h.dev}") == errno.EBUSY  # type: ignore[attr-defined]
     s = h.create("reopen")
-    assert h.err_open(f"/proc/self/fd/{s}") == errno.ENXIO  # type: ignore[attr-defined]
+    # The kernel: ENXIO (anon inode).  Here a session fd is an open file of the node, so a re-open is an
+    # open of the device: EBUSY while it is open (docs/session-abi.md, fidelity: a documented deviation).
+    assert h.err_open(f"/proc/self/fd/{s}") == errno.EBUSY  # type: ignore[attr-defined]
     h.close(s)
 
 
@@ -793,8 +795,8 @@ class SyscallHarness(H):
     @contextlib.contextmanager
     def no_free_fd(self) -> Iterator[None]:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        used = {int(n) for n in os.listdir("/proc/self/fd")}
-        lowest = next(n for n in range(len(used) + 2) if n not in used)
+        lowest = os.dup(0)  # the lowest free number: from it up, nothing may be free
+        os.close(lowest)
         resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
         try:
             yield
@@ -860,7 +862,7 @@ def _real_results(abi: str) -> dict[str, str]:
             for stage in (1, 2):
                 if stage == 2:
                     emu.kexec()
-                r = emu.run([*prog, "--stage", str(stage)], capture_output=True, text=True, timeout=300)
+                r = emu.run([*prog, "--stage", str(stage)], capture_output=True, text=True, timeout=120)
                 assert r.returncode == 0, f"stage {stage}: rc {r.returncode}\n{r.stdout}\n{r.stderr}\n{emu.log()}"
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 out.update(got if stage == 2 else {k: v for k, v in got.items() if v != "ok"})
