@@ -1,0 +1,219 @@
+"""`cusedev trace record -- CMD`: the ptrace recorder (issue 16, item 1).
+
+The headline: one client run recorded both ways at once — by the emulator's
+own tracer (`serve --trace`) and from outside by `trace record` — gives two
+traces that `trace diff` finds equal.  The client forks, execs, uses threads,
+dups and kills a child, so the recorder follows a process tree.  The rest is
+the recorder as a Unix tool: CMD's output and exit status untouched, exit 127
+for a missing CMD, an unwritable trace refused before CMD starts, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _server import ServerProc
+
+from cusedev.tracing.record import read_records
+
+CLI = [sys.executable, "-m", "cusedev"]
+
+#: a session-ABI client run under `cusedev run`: valid and failing calls, a forked child, an exec'ed
+#: program using an inherited session fd, a thread, a dup, a child killed with SIGKILL
+CLIENT = r'''
+import os, signal, sys, threading, time
+from cusedev.profiles.session.client import SessionDevice, call
+from cusedev.profiles.session import uapi
+path = sys.argv[1]
+dev = SessionDevice(path)
+s = dev.create_session("alpha")
+m = os.memfd_create("x"); os.write(m, b"hello")
+s.preserve(m, 7)
+assert s.name == "alpha"
+for bad in ("alpha", ""):
+    try: dev.create_session(bad)
+    except OSError: pass
+try: call(dev.fd, uapi.CREATE_SESSION.cmd, None)          # NULL: EFAULT
+except OSError: pass
+try: call(s.fd, uapi.CREATE_SESSION.cmd, bytearray(72))   # a device command on a session fd: EINVAL
+except OSError: pass
+d = os.dup(s.fd)
+t = threading.Thread(target=lambda: call(d, uapi.GET_NAME.cmd, bytearray(uapi.GET_NAME.struct.pack(72, 0, b""))))
+t.start(); t.join()
+pid = os.fork()
+if pid == 0:
+    try: s.preserve(m, 8)   # the same memfd again: EBUSY on 7.2
+    except OSError: pass
+    os._exit(0)
+os.waitpid(pid, 0)
+keep = os.dup(s.fd); os.set_inheritable(keep, True)
+code = ("import sys; from cusedev.profiles.session.client import LuoSession; "
+        "print('child', LuoSession(int(sys.argv[1])).name)")
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-c", code, str(keep)])
+os.waitpid(pid, 0)
+victim = os.fork()
+if victim == 0:
+    time.sleep(30); os._exit(0)
+os.kill(victim, signal.SIGKILL); os.waitpid(victim, 0)
+s2 = dev.create_session("beta")
+s2.close(); s.close(); os.close(d); os.close(keep); dev.close()
+print("client done")
+'''
+
+
+def _record(out: Path, *cmd: str, device: str | None = None, timeout: float = 120,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+    dev = ["--device", device] if device else []
+    return subprocess.run([*CLI, "trace", "record", "-o", str(out), *dev, "--", *cmd], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("emulator", [("--abi", "7.2", "--trace", "{dir}/own.jsonl", "--no-sysfs")], indirect=True)
+def test_the_same_run_recorded_both_ways_is_equal(emulator: ServerProc, tmp_path: Path) -> None:
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    rec = tmp_path / "rec.jsonl"
+    p = _record(rec, *CLI, "run", "--device", emulator.device, "--", sys.executable, str(client), emulator.device,
+                device=emulator.device)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "client done" in p.stdout and "child alpha" in p.stdout  # CMD's output passes through untouched
+    own = Path(emulator.device).parent / "own.jsonl"
+    time.sleep(0.5)  # the emulator writes a record right after its reply: let the last one land
+    d = subprocess.run([*CLI, "trace", "diff", str(own), str(rec)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 0, d.stdout + d.stderr
+    assert "equal" in d.stdout
+
+    recs = list(read_records(str(rec)))
+    head = recs[0]
+    assert head["type"] == "header" and head["abi"] == "7.2" and head["device_kind"] == "emulator"
+    ioctls = [r for r in recs if r["type"] == "ioctl"]
+    assert len(ioctls) >= 10
+    first = ioctls[0]
+    assert first["name"] == "LIVEUPDATE_IOCTL_CREATE_SESSION" and first["on"] == "device"
+    assert first["ret_fd"]["kind"] == "session" and first["ret_fd"]["name"] == "alpha"
+    pres = ioctls[1]
+    assert pres["on"] == "session" and pres["session"] == "alpha"
+    assert pres["file"]["kind"] == "shmem" and pres["file"]["size"] == 5
+    pids = {r["pid"] for r in ioctls}
+    assert len(pids) >= 3, "the forked and the exec'ed children's calls are recorded"
+    assert any(r["name"] == "LIVEUPDATE_SESSION_GET_NAME" and r["tid"] != r["pid"] for r in ioctls), "thread"
+    assert any(r.get("errno") == 14 for r in ioctls) and any(r.get("err") == "EBUSY" for r in ioctls)
+
+    show = subprocess.run([*CLI, "trace", "show", str(rec)], capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0, show.stderr
+    assert "ioctl(LIVEUPDATE_SESSION_PRESERVE_FD, {size=16, fd=" in show.stdout
+    assert "= -1 EEXIST (File exists)" in show.stdout
+
+
+def test_a_divergence_between_two_recordings_is_found(tmp_path: Path) -> None:
+    """`trace diff` on a recording and a copy with one errno changed: exit 1, the record named."""
+    rec = tmp_path / "rec.jsonl"
+    p = _record(rec, "true")
+    assert p.returncode == 0, p.stderr
+    recs = list(read_records(str(rec)))
+    assert [r["type"] for r in recs] == ["header"]  # no LUO call: an empty trace
+    recs.append({"type": "ioctl", "seq": 1, "pid": 1, "tid": 1, "comm": "x", "cmd": 0xBA00, "on": "device",
+                 "ret": 0, "errno": 0})
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recs[-1]["errno"] = 16
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    d = subprocess.run([*CLI, "trace", "diff", str(a), str(b)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 1 and "A#1 B#1: differ in errno (0 vs EBUSY)" in d.stdout
+
+
+def test_cmd_output_and_exit_status_pass_through(tmp_path: Path) -> None:
+    p = _record(tmp_path / "t.jsonl", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out\n", "err\n")
+    p = _record(tmp_path / "t.jsonl", "sh", "-c", "kill -9 $$")
+    assert p.returncode == 128 + signal.SIGKILL
+    assert os.stat(tmp_path / "t.jsonl").st_mode & 0o777 == 0o600
+
+
+def test_missing_cmd_exits_127(tmp_path: Path) -> None:
+    for cmd in ("/nonexistent/prog", "no-such-command-cusedev"):
+        out = tmp_path / "t.jsonl"
+        p = _record(out, cmd)
+        assert p.returncode == 127, p.stderr
+        assert cmd in p.stderr and "Traceback" not in p.stderr
+        assert not out.exists()
+
+
+def test_unwritable_trace_file_is_refused_before_cmd_starts(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    p = _record(tmp_path / "no" / "such" / "dir.jsonl", "sh", "-c", f"touch {marker}")
+    assert p.returncode == 1
+    assert "cannot write the trace" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
+
+
+def _tracer_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("TracerPid:"))
+
+
+def _child_pid(parent: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            kids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            kids = []
+        if kids:
+            return int(kids[0])
+        time.sleep(0.05)
+    raise AssertionError("CMD did not start")
+
+
+def test_ctrl_c_reaches_cmd_as_usual(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole foreground group: CMD dies of SIGINT as it would untraced, the recorder ends."""
+    rec = subprocess.Popen([*CLI, "trace", "record", "-o", str(tmp_path / "t.jsonl"), "--", "sleep", "60"],
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        cmd = _child_pid(rec.pid)
+        deadline = time.monotonic() + 30
+        while _tracer_of(cmd) != rec.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(rec.pid, signal.SIGINT)
+        assert rec.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        if rec.poll() is None:
+            os.killpg(rec.pid, signal.SIGKILL)
+            rec.wait()
+
+
+def test_sigint_to_the_recorder_alone_detaches(tmp_path: Path) -> None:
+    """The recorder interrupted on its own lets CMD go on, untraced."""
+    rec = subprocess.Popen([*CLI, "trace", "record", "-o", str(tmp_path / "t.jsonl"), "--", "sleep", "60"],
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = 0
+    try:
+        cmd = _child_pid(rec.pid)
+        deadline = time.monotonic() + 30
+        while _tracer_of(cmd) != rec.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rec.send_signal(signal.SIGINT)
+        rec.wait(timeout=30)
+        assert _tracer_of(cmd) == 0
+        with open(f"/proc/{cmd}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] in ("S", "R"), "CMD keeps running"
+    finally:
+        if cmd:
+            try:
+                os.kill(cmd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if rec.poll() is None:
+            os.killpg(rec.pid, signal.SIGKILL)
+        rec.wait()
