@@ -204,3 +204,15 @@ def test_errnos_are_named_as_the_kernel_names_them() -> None:
 
     assert errname(95) == "EOPNOTSUPP"
     assert errname(11) == "EAGAIN"
+
+
+def test_injected_calls_are_decoded_like_any_other(device: str, transport_name: str, tmp_path: Path) -> None:
+    trace = tmp_path / "luo.jsonl"
+    with ServerProc(device, transport_name, "--trace", str(trace), "--inject", "GET_STATE:error=EIO") as srv:
+        srv.start()
+        with LiveUpdateDevice(device) as dev, pytest.raises(OSError):
+            dev.state  # noqa: B018
+        assert srv.stop() == 0
+    p = cli("trace", "show", str(trace))
+    (line,) = [ln for ln in p.stdout.splitlines() if "GET_STATE" in ln]
+    assert "ioctl(LIVEUPDATE_IOCTL_GET_STATE, {size=8}) = -1 EIO" in line and line.count("(INJECTED)") == 1, line

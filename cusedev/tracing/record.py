@@ -259,6 +259,23 @@ class Seen:
 
 _NOTHING_SEEN = Seen(None, -1)  # type: ignore[arg-type]  # an injected failure: the call never reached the caller's memory
 
+def _injected_view(mem: CallerMemory, arg: int, table: Table, cmd: int) -> Seen:
+    """What an injected failure's record shows of its struct: read for the record alone, so that
+    ``trace show`` decodes it like any other call.  Only where reading has no effect on the call
+    (direct memory); under CUSE retry iovecs a read would cost the caller another round trip."""
+    op = op_for(table, cmd)
+    if not mem.direct or not arg or op is None:
+        return _NOTHING_SEEN
+    seen = Seen(mem, arg, True)
+    try:
+        size = U32.unpack(seen.read(arg, 4))[0]
+        if size > 4:
+            seen.read(arg, min(size, op.size))
+    except OSError:
+        pass  # what could be read is kept
+    return seen
+
+
 # -- the recorder --------------------------------------------------------------------------------------
 class Tracer(Interceptor):
     """Writes one device's events to ``path`` (created 0600: traces hold file contents).
@@ -480,7 +497,7 @@ class Tracer(Interceptor):
         table = self._table(fh)
         core = self.device.core
         before = self.rules.state_label(core)
-        seen = _NOTHING_SEEN if call.fail else Seen(mem, arg, mem.direct)
+        seen = _injected_view(mem, arg, table, cmd) if call.fail else Seen(mem, arg, mem.direct)
         if not call.fail:
             call.mem = seen
         self._fault = None
