@@ -31,7 +31,7 @@ HOW: dict[str, str] = {
     "scripts/test-all tests/test_core.py": "flags:scripts/test-all",
     "scripts/test-all --host-only": "flags:scripts/test-all",
     "scripts/test-all --vm-only": "flags:scripts/test-all",
-    "cusedev serve --device /run/emu/liveupdate": "run",
+    "cusedev serve --device /tmp/liveupdate": "run",
     "cusedev serve": "run",
     "cusedev serve --sysfs-root /srv/emu/sys": "run",
     "cusedev serve --sysfs files": "run",
@@ -44,6 +44,11 @@ HOW: dict[str, str] = {
     "cusedev inject --list": "run",
     "cusedev inject --clear": "run",
     "cusedev status": "run",
+    "cusedev trace record -o luo.jsonl -- ./vmm stage1":
+        "test:tests/test_trace_record.py::test_the_same_run_recorded_both_ways_is_equal",
+    "cusedev trace show luo.jsonl": "test:tests/test_trace_record.py::test_the_same_run_recorded_both_ways_is_equal",
+    "cusedev trace diff kernel.jsonl emulator.jsonl":
+        "test:tests/test_trace_diff.py::test_the_same_run_from_both_recorders_is_equal",
     "gcc -O2 -Wall -I cdefs -o vmm_demo examples/vmm_demo.c": VMM_DEMO,
     "cusedev serve &": VMM_DEMO,
     "cusedev run -- ./vmm_demo stage1": VMM_DEMO,
@@ -176,21 +181,16 @@ def _localise(cmd: str, tmp: Path, device: str) -> list[str]:
 def test_serve_commands_of_the_docs(tmp_path: Path, transport_name: str) -> None:
     serves = [c for c, how in HOW.items() if how == "run" and c.startswith("cusedev serve")]
     assert len(serves) >= 6
-    made_run_emu = not os.path.exists("/run/emu")
-    os.makedirs("/run/emu", exist_ok=True)  # the README's example path
-    try:
-        for cmd in serves:
-            args = _localise(cmd, tmp_path, str(tmp_path / "liveupdate"))
-            dev = args[args.index("--device") + 1]
-            with ServerProc(dev, transport_name, *args[1:]) as srv:
-                srv.start()
-                assert "ready" in srv.ready_line, cmd
-                st = _cli("status", "--device", dev)
-                assert st.returncode == 0 and "normal" in st.stdout, (cmd, st.stdout, st.stderr)
-                assert srv.stop() == 0, (cmd, srv.stderr())
-    finally:
-        if made_run_emu:
-            os.rmdir("/run/emu")
+    for cmd in serves:
+        args = _localise(cmd, tmp_path, str(tmp_path / "liveupdate"))
+        dev = args[args.index("--device") + 1]
+        with ServerProc(dev, transport_name, *args[1:]) as srv:
+            srv.start()
+            assert "ready" in srv.ready_line, cmd
+            st = _cli("status", "--device", dev)
+            assert st.returncode == 0 and "normal" in st.stdout, (cmd, st.stdout, st.stderr)
+            assert srv.stop() == 0, (cmd, srv.stderr())
+        assert not os.path.exists(dev) or dev == str(tmp_path / "liveupdate"), f"{cmd}: {dev} left behind"
 
 
 def test_runtime_commands_of_the_docs(tmp_path: Path, transport_name: str) -> None:
