@@ -101,6 +101,10 @@ class Runtime:
         result = {"ok": True, "live": live, "state": st.get("state"), "update_count": st.get("update_count")}
         for c in list(self.runs):
             c.send({"event": "kexec", **result})
+        # after the carry: run processes that detached from their tree (a daemon holding session fds) die too
+        from ..run.holders import kill_run_holders
+
+        kill_run_holders(self.server.device_path)
         log.info("kexec: %s, state=%s, update_count=%s", "live update" if live else "plain kexec",
                  result["state"], result["update_count"])
         return result
