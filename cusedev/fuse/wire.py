@@ -174,8 +174,11 @@ class Operations:
             minor=min(minor, KERNEL_MINOR_VERSION),
             max_readahead=max_readahead,
             flags=flags & want,
-            max_background=16,
-            congestion_threshold=12,
+            # RELEASE of a FUSE file is a background request; past max_background the kernel holds it
+            # back and a later OPEN overtakes it (a false EBUSY after a process closing thousands of
+            # session fds died).  With room for every one, they reach us in the order they were made.
+            max_background=0xFFFF,
+            congestion_threshold=0xC000,
             max_write=self.max_write,
             time_gran=1,
             max_pages=self.max_pages,
