@@ -217,3 +217,42 @@ def test_sigint_to_the_recorder_alone_detaches(tmp_path: Path) -> None:
         if rec.poll() is None:
             os.killpg(rec.pid, signal.SIGKILL)
         rec.wait()
+
+
+V3_CLIENT = r'''
+import os, sys
+from cusedev.client import LiveUpdateDevice
+d = LiveUpdateDevice(sys.argv[1])
+m = os.memfd_create("x"); os.write(m, b"hello")
+d.preserve(m, 5)
+try: d.preserve(m, 5)
+except OSError: pass
+d.prepare(); d.state; d.cancel()
+d.unpreserve(5)
+d.close()
+'''
+
+
+@pytest.mark.parametrize("emulator", [("--trace", "{dir}/own.jsonl", "--no-sysfs")], indirect=True)
+def test_v3_recording_diffs_equal_and_replays(emulator: ServerProc, tmp_path: Path, transport_name: str) -> None:
+    """Any profile: a v3 client recorded from outside equals the emulator's own trace, and replays."""
+    client = tmp_path / "v3.py"
+    client.write_text(V3_CLIENT)
+    rec = tmp_path / "rec.jsonl"
+    p = _record(rec, sys.executable, str(client), emulator.device, device=emulator.device)
+    assert p.returncode == 0, p.stdout + p.stderr
+    time.sleep(0.5)
+    own = Path(emulator.device).parent / "own.jsonl"
+    d = subprocess.run([*CLI, "trace", "diff", str(own), str(rec)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 0 and "7 calls compared" in d.stdout, d.stdout + d.stderr
+    recs = list(read_records(str(rec)))
+    assert recs[0]["abi"] == "v3"  # asked from the emulator's control socket
+    assert any(r.get("in", {}).get("event") == "LIVEUPDATE_PREPARE" for r in recs), "enums named as the emulator does"
+    other = tmp_path / "other"
+    other.mkdir()
+    with ServerProc(str(other / "liveupdate"), transport_name, "--no-sysfs") as srv:
+        srv.start()
+        r = subprocess.run([*CLI, "trace", "replay", str(rec), "--device", srv.device], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "0 divergences" in r.stdout

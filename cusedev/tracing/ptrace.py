@@ -323,8 +323,7 @@ class Recorder:
             ours = pidfd.getfd(tid, fd)
         except OSError:
             return {"kind": "opath"} if os.path.exists(f"/proc/{tid}/fd/{fd}") else {"kind": "none"}
-        info = describe_file(ours)  # closes ours before the tracee runs on
-        info.pop("data", None)
+        info = describe_file(ours)  # closes ours before the tracee runs on; small contents kept for replay
         info.pop("ino", None)
         info.pop("dev", None)
         return info
@@ -362,12 +361,8 @@ class Recorder:
             dirfd = ctypes.c_int(args[0] & 0xFFFFFFFF).value if at else AT_FDCWD
             path = read_path(tid, args[1] if at else args[0])
             flags = args[2] if at else args[1]
-            if path is None:
-                return
-            target = self._resolve_open(tid, dirfd, path)
-            if target is not None:
-                self.pending[tid] = Pending(nr, args, "open", {"flags": flags, "on": target[0],
-                                                               "session": target[1]})
+            if path is not None:  # what it names is looked at on the way out, and only then
+                self.pending[tid] = Pending(nr, args, "open", {"flags": flags, "dirfd": dirfd, "path": path})
         elif nr == nrs["reboot"] and (args[2] & 0xFFFFFFFF) == LINUX_REBOOT_CMD_KEXEC:
             self.pending[tid] = Pending(nr, args, "kexec")
 
@@ -404,14 +399,18 @@ class Recorder:
         if p.what == "kexec":
             self._record("kexec", tid, {"ret": -1 if err else 0, "errno": err})
         elif p.what == "open":
-            rec: dict[str, Any] = {"flags": p.info["flags"], "on": p.info["on"]}
-            if p.info.get("session"):
-                rec["session"] = p.info["session"]
-            if not err:
+            target = self._resolve_open(tid, p.info["dirfd"], p.info["path"]) if err else None
+            if not err:  # a new fd: is it a LUO file?  (the cheap case: most opens are of other files)
                 self.forget(self._tgid(tid), rval)
                 f = self.classify(tid, rval)
-                if f is not None:
-                    rec["fh"] = f.fh
+                target = (f.on, f.session) if f is not None else None
+            if target is None:
+                return
+            rec: dict[str, Any] = {"flags": p.info["flags"], "on": target[0]}
+            if target[1]:
+                rec["session"] = target[1]
+            if not err and f is not None:
+                rec["fh"] = f.fh
             self._record("open", tid, {**rec, "ret": -1 if err else 0, "errno": err})
         else:
             self._ioctl_exit(tid, p, err)
@@ -433,11 +432,11 @@ class Recorder:
         if "size" in info:
             rec["size"] = info["size"]
             rec["in_hex"] = info["in"].hex()
-            rec["in"] = _decode(op, info["in"], False, self.ffi)
+            rec["in"] = _decode(op, info["in"], False, self.ffi, self.profile.trace.enums)
         if not err and op is not None and op.outputs and op.cmd == cmd:
             out = read_mem(tid, info["arg"], min(info["size"], op.size))
             rec["out_hex"] = out.hex()
-            rec["out"] = _decode(op, out, True, self.ffi)
+            rec["out"] = _decode(op, out, True, self.ffi, self.profile.trace.enums)
             newfd = rec["out"].get("fd")
             if isinstance(newfd, int) and newfd >= 0 and cmd in self.profile.fd_commands:
                 rec["ret_fd"] = self._returned(tid, newfd, cmd, info)
@@ -646,11 +645,11 @@ def ptrace_geteventmsg(tid: int) -> int:
 _VFS_IOCTLS = frozenset({0x5450, 0x5451, 0x5421, 0x5452, 0x5460})
 
 
-def _decode(op: Any, data: bytes, outputs: bool, ffi: Any) -> dict[str, Any]:
+def _decode(op: Any, data: bytes, outputs: bool, ffi: Any, enums: Any) -> dict[str, Any]:
     from .record import decode
 
     fields_of(op, ffi)
-    return decode(op, data, outputs, ffi=ffi)
+    return decode(op, data, outputs, enums, ffi=ffi)
 
 
 def not_runnable(cmd: str) -> str | None:
