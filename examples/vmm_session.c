@@ -100,7 +100,12 @@ static int stage1(const char *device, size_t size, const char *name, int do_kexe
 		return 0; /* not reached on success */
 	}
 	if (fork() == 0) { /* hold the session until the machine reboots */
+		int null = open("/dev/null", O_RDWR);
+
 		setsid();
+		dup2(null, 0); /* let go of the caller's terminal and pipes */
+		dup2(null, 1);
+		dup2(null, 2);
 		for (;;)
 			pause();
 	}

@@ -150,6 +150,50 @@ def scenario_after(path: str) -> dict[str, Any]:
     return facts
 
 
+def scenario_slow_create(path: str) -> dict[str, Any]:
+    """Creates "crash-create" (the test injected a delay and kills this process meanwhile)."""
+    dev = SessionDevice(path)
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    dev.create_session("crash-create")
+    return {"created": True}
+
+
+def scenario_carry_for_retrieve(path: str) -> dict[str, Any]:
+    dev = SessionDevice(path)
+    s = dev.create_session("crash-retrieve")
+    m = os.memfd_create("x")
+    os.write(m, b"data")
+    s.preserve(m, 1)
+    dev.close()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon; it tells its pid, so the test can kill it before the kexec
+        os.setsid()
+        os.write(w, str(os.getpid()).encode())
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        while True:
+            time.sleep(60)
+    return {"daemon": int(os.read(r, 32))}
+
+
+def scenario_slow_retrieve_fd(path: str) -> dict[str, Any]:
+    dev = SessionDevice(path)
+    s = dev.retrieve_session("crash-retrieve")
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    s.retrieve(1)
+    return {"retrieved": True}
+
+
+def scenario_probe(path: str) -> dict[str, Any]:
+    dev = SessionDevice(path)
+    return {
+        "create": _errno(lambda: dev.create_session("crash-create").close()),
+        "retrieve": _errno(lambda: dev.retrieve_session("crash-retrieve")),
+    }
+
+
 SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
     n.removeprefix("scenario_"): fn for n, fn in globals().items() if n.startswith("scenario_")
 }
@@ -191,6 +235,77 @@ def test_kexec_carries_held_and_in_flight_sessions_only(emu: Any) -> None:
     emu.kexec()  # the daemon dies after the carry; the message in flight goes with its socket
     f = _run(emu, "after")
     assert f == {"released": "ENOENT", "held_bytes": "held bytes", "held_offset": 5, "in_flight_name": "in-flight"}
+
+
+def _killed_inside(emu: Any, scenario: str, rule: str) -> None:
+    """Start ``scenario``, wait until it is inside the delayed call, SIGKILL it (the run's whole tree)."""
+    import signal
+    import subprocess
+
+    emu.inject(rule)
+    try:
+        p = emu.popen([sys.executable, __file__, scenario, emu.path], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        pid = json.loads(p.stdout.readline())["pid"]
+        time.sleep(0.5)  # well inside the 3 s delay
+        os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        emu.clear_injections()
+
+
+def _emulator_fds(emu: Any) -> int:
+    return len(os.listdir(f"/proc/{emu.pid}/fd"))
+
+
+def test_client_killed_inside_create_session(emu: Any) -> None:
+    before = _emulator_fds(emu)
+    _killed_inside(emu, "slow_create", "create_session:delay=3s")
+    time.sleep(3)  # the delayed call ends (cancelled): no session, no fd of ours left behind
+    assert _run(emu, "probe") == {"create": "ok", "retrieve": "ENOENT"}
+    assert _emulator_fds(emu) <= before
+
+
+def test_client_killed_inside_retrieve_fd(emu: Any) -> None:
+    _run(emu, "carry_for_retrieve")
+    emu.kexec()  # kills the daemon after the carry
+    _killed_inside(emu, "slow_retrieve_fd", "retrieve_fd:delay=3s")
+    time.sleep(3)
+    # the dead client's session fd was the last reference: implicit FINISH, the session is gone
+    assert _run(emu, "probe") == {"create": "ok", "retrieve": "ENOENT"}
+
+
+def test_daemon_killed_before_kexec_carries_nothing(emu: Any) -> None:
+    import signal
+
+    daemon = _run(emu, "carry_for_retrieve")["daemon"]
+    os.kill(daemon, signal.SIGKILL)
+    for _ in range(500):  # gone (its session released) before the kexec
+        if not os.path.exists(f"/proc/{daemon}") or open(f"/proc/{daemon}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.01)
+    _run(emu, "probe")  # a round trip: the release queued by its death is served first
+    emu.kexec()
+    assert _run(emu, "probe")["retrieve"] == "ENOENT"
+
+
+def test_vmm_session_example(emu: Any, tmp_path: Path) -> None:
+    """examples/vmm_session.c: guest RAM in a session across `cusedev kexec`, and across its own reboot()."""
+    import subprocess
+
+    exe = tmp_path / "vmm_session"
+    root = HERE.parent
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-I", str(root / "cdefs"), "-o", str(exe),
+                    str(root / "examples" / "vmm_session.c")], check=True)  # fmt: skip
+    one = emu.run([str(exe), "stage1", "-d", emu.path, "-s", "8"], capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0, one.stderr
+    emu.kexec()
+    two = emu.run([str(exe), "stage2", "-d", emu.path, "-s", "8"], capture_output=True, text=True, timeout=60)
+    assert two.returncode == 0 and "8 MiB of guest RAM verified" in two.stdout, two.stdout + two.stderr
+    one = emu.run([str(exe), "stage1", "-d", emu.path, "-n", "vmm-k", "-k"], capture_output=True, text=True,
+                  timeout=60)  # fmt: skip
+    two = emu.run([str(exe), "stage2", "-d", emu.path, "-n", "vmm-k"], capture_output=True, text=True, timeout=60)
+    assert two.returncode == 0 and "verified" in two.stdout, one.stderr + two.stdout + two.stderr
 
 
 def test_outside_cusedev_run(emu: Any) -> None:

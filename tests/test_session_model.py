@@ -288,7 +288,7 @@ def test_6_19_preserve_into_incoming_is_dropped_not_carried() -> None:
 
 def test_fault_injection_enomem(m: SessionModel) -> None:
     def fault(point: str) -> None:
-        if point == "create":
+        if point == "session_alloc":
             raise OSError(errno.ENOMEM, "injected")
 
     m.fault = fault

@@ -133,7 +133,7 @@ class SessionModel:
     #: 7.2's global luo_preserved_files: object key -> file (preserved or retrieved-not-finished)
     objects: dict[Hashable, File] = field(default_factory=dict)
     update_count: int = 0
-    #: fault injection: may raise OSError (ENOMEM) at "create", "preserve", "retrieve_fd"
+    #: fault injection: may raise OSError (ENOMEM) at "session_alloc", "file_preserve", "file_restore"
     fault: Callable[[str], None] = _no_fault
     #: told ``(None, None)`` after every change (the session ABI has no global state to pass)
     listeners: list[Callable[[Any, Any], None]] = field(default_factory=list)
@@ -151,7 +151,7 @@ class SessionModel:
             if n == 0 or n < 0:  # strnlen == 0, or 64 (no NUL in the buffer)
                 raise fail(errno.EINVAL)
         name = stored_name(raw)
-        self.fault("create")
+        self.fault("session_alloc")
         if len(self.outgoing) + 1 > self.rules.max_sessions:
             raise fail(self.rules.sessions_errno)
         if name in self.outgoing:
@@ -194,7 +194,7 @@ class SessionModel:
         try:
             if self.rules.busy_by_object and obj.key in self.objects:
                 raise fail(errno.EBUSY)
-            self.fault("preserve")
+            self.fault("file_preserve")
         except OSError:
             obj.release()
             raise
@@ -221,7 +221,7 @@ class SessionModel:
         if f.retrieved is not None:
             return f.retrieved
         try:
-            self.fault("retrieve_fd")
+            self.fault("file_restore")
             f.retrieved = rebuild(f.obj)
         except OSError as e:
             if self.rules.sticky_retrieve:
