@@ -78,13 +78,16 @@ def _record(out: Path, *cmd: str, device: str | None = None, timeout: float = 12
                           text=True, timeout=timeout, **kw)
 
 
+@pytest.mark.parametrize("kcmp", ["kcmp", "no-kcmp"])
 @pytest.mark.parametrize("emulator", [("--abi", "7.2", "--trace", "{dir}/own.jsonl", "--no-sysfs")], indirect=True)
-def test_the_same_run_recorded_both_ways_is_equal(emulator: ServerProc, tmp_path: Path) -> None:
+def test_the_same_run_recorded_both_ways_is_equal(emulator: ServerProc, tmp_path: Path, kcmp: str) -> None:
+    """``no-kcmp``: as on a kernel without kcmp(2) (the test VM's), session files are told by a probe."""
     client = tmp_path / "client.py"
     client.write_text(CLIENT)
     rec = tmp_path / "rec.jsonl"
+    env = {**os.environ, "CUSEDEV_RECORD_NO_KCMP": "1" if kcmp == "no-kcmp" else "0"}
     p = _record(rec, *CLI, "run", "--device", emulator.device, "--", sys.executable, str(client), emulator.device,
-                device=emulator.device)
+                device=emulator.device, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "client done" in p.stdout and "child alpha" in p.stdout  # CMD's output passes through untouched
     own = Path(emulator.device).parent / "own.jsonl"

@@ -270,9 +270,18 @@ class Result:
         return not self.divergences
 
 
+def _without_recorder(side: Side, other: Side) -> list[CallView]:
+    """An emulator's own trace of a run that `trace record` recorded without kcmp holds the recorder's probes
+    (its own GET_NAME on a duplicate of a client's fd): not the client's calls."""
+    probe = other.header.get("recorder_pid")
+    if not side.own_trace or probe is None:
+        return side.calls
+    return [c for c in side.calls if c.record.get("pid") != probe]
+
+
 def compare(a: Side, b: Side) -> Result:
     """Align the two call lists one by one and compare each pair."""
-    ca, cb = a.calls, b.calls
+    ca, cb = _without_recorder(a, b), _without_recorder(b, a)
     if a.own_trace or b.own_trace:  # one side sees only what reaches the driver: drop what the VFS answered
         n = len(ca) + len(cb)
         ca = [c for c in ca if not c.vfs_only]

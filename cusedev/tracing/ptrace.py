@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _ptrace = function("ptrace", (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p), ctypes.c_long)
 _syscall = function("syscall", restype=ctypes.c_long)
+_probe_ioctl = function("ioctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p))
 
 
 class _IoVec(ctypes.Structure):
@@ -197,6 +198,9 @@ class Recorder:
         self.interrupted = False
         self._in_wait = False
         self.calls = 0
+        # set when kcmp(2) is missing (CONFIG_KCMP off): files of the node are then probed (the
+        # environment variable forces that path, for its tests)
+        self.no_kcmp = os.environ.get("CUSEDEV_RECORD_NO_KCMP") == "1"
 
     def _ask_abi(self) -> str | None:
         """The profile of an emulator serving the device (its control socket), if one answers."""
@@ -258,6 +262,8 @@ class Recorder:
         """The open file (pid, fd) is, among those seen, by kcmp against their known fds."""
         for f in reversed(self.files):
             for rep in list(f.reps):
+                if rep != (pid, fd) and self.no_kcmp:
+                    continue
                 same = 0 if rep == (pid, fd) else self._kcmp(pid, rep[0], fd, rep[1])
                 if same == 0:
                     if (pid, fd) not in f.reps:
@@ -265,6 +271,9 @@ class Recorder:
                         del f.reps[:-8]
                     return f
                 if same < 0:
+                    if ctypes.get_errno() == errno.ENOSYS:  # a kernel without kcmp: exact (pid, fd) only
+                        self.no_kcmp = True
+                        continue
                     f.reps.remove(rep)  # its process is gone, or it closed that fd: no longer a witness
         self.files = [f for f in self.files if f.reps]
         return None
@@ -300,7 +309,35 @@ class Recorder:
         if not self._is_node(st):
             return None
         f = self._known(pid, fd)
+        if self.no_kcmp and self.device_kind != "kernel":
+            on, name = self._probe(tid, fd)
+            if f is None or f.on != on:
+                self.forget(pid, fd)
+                f = self._new(pid, fd, on, name)
         return f if f is not None else self._new(pid, fd, "device")
+
+    def _probe(self, tid: int, fd: int) -> tuple[str, str | None]:
+        """Without kcmp: ask the emulator through our own duplicate of the fd whether it is a session file
+        (GET_NAME answers only there; else a NULL argument: EFAULT past the session table's nr check, EINVAL
+        on the device's).  No side effect; the duplicate is closed before the tracee runs on."""
+        kind = self.profile.kinds.get("session")
+        if kind is None or not kind.ops:
+            return "device", None
+        try:
+            ours = pidfd.getfd(tid, fd)
+        except OSError:
+            return "device", None
+        try:
+            get_name = next((op for op in kind.ops if op.name.endswith("GET_NAME")), None)
+            if get_name is not None:
+                buf = ctypes.create_string_buffer(get_name.size.to_bytes(4, sys.byteorder), get_name.size)
+                if _probe_ioctl(ours, get_name.cmd, ctypes.addressof(buf)) == 0:
+                    return "session", buf.raw[8:72].split(b"\0", 1)[0].decode(errors="replace")
+                return "device", None
+            _probe_ioctl(ours, kind.ops[0].cmd, None)
+            return ("session", None) if ctypes.get_errno() == errno.EFAULT else ("device", None)
+        finally:
+            os.close(ours)
 
     def _tgid(self, tid: int) -> int:
         try:
