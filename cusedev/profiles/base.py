@@ -235,6 +235,9 @@ class Profile:
     state_dir: Callable[[str, Any], StateCodec] | None = None
     #: the cdefs headers that declare this ABI
     cdefs: tuple[str, ...] = ()
+    #: the cffi FFI that declares the structs of its ``ops`` (traces decode fields with it); None: the
+    #: generic ``cusedev.uapi.ffi``
+    ffi: Any = None
     #: ``replay(records, device, *, stop_at_kexec, after_kexec, quiet, out, path) -> 0|1``: re-issue a
     #: trace of this profile (header first) and report divergences; None: no replay
     replay: Callable[..., int] | None = None

@@ -92,11 +92,17 @@ def fields_of(op: Op, ffi: Any = None) -> list[tuple[str, int, Any, bool]]:
     (``ffi``: the profile's declarations, default the generic ones)."""
     f = _FIELDS.get(op.ctype)
     if f is None:
-        ffi = uapi.ffi if ffi is None else ffi
-        f = _FIELDS[op.ctype] = [
-            (name, fld.offset, field_struct(ffi, fld.type), name in op.outputs)
-            for name, fld in ffi.typeof(op.ctype).fields
-        ]
+        f = []
+        for decl in (ffi, uapi.ffi):
+            if decl is None:
+                continue
+            try:
+                fields = decl.typeof(op.ctype).fields
+            except Exception:  # noqa: BLE001 - not declared there (cffi's CDefError or ffi.error)
+                continue
+            f = [(name, fld.offset, field_struct(decl, fld.type), name in op.outputs) for name, fld in fields]
+            break
+        _FIELDS[op.ctype] = f  # declared nowhere: the record keeps its hex only
     return f
 
 
@@ -293,7 +299,7 @@ class Tracer(Interceptor):
         self.rules = device.profile.trace
         self._names_json = {cmd: json.dumps(name) for cmd, name in self.rules.names.items()}
         self._enums: Enums = self.rules.enums
-        self._ffi = getattr(device.profile, "ffi", None)
+        self._ffi = device.profile.ffi
         if self._ffi is None and any(h not in uapi.CDEF_FILES for h in device.profile.cdefs):
             self._ffi = uapi.load_ffi("types.h", *device.profile.cdefs)  # a profile with its own header
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
