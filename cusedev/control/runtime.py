@@ -101,10 +101,14 @@ class Runtime:
         result = {"ok": True, "live": live, "state": st.get("state"), "update_count": st.get("update_count")}
         for c in list(self.runs):
             c.send({"event": "kexec", **result})
-        # after the carry: run processes that detached from their tree (a daemon holding session fds) die too
+        # after the carry: run processes that detached from their tree (a daemon holding session fds) die
+        # too; found off the loop (a stat of the FUSE file may be a request only the loop answers)
         from ..run.holders import kill_run_holders
 
-        kill_run_holders(self.server.device_path)
+        try:
+            asyncio.get_running_loop().run_in_executor(None, kill_run_holders, self.server.device_path)
+        except RuntimeError:  # no loop running (a synchronous caller): nothing to deadlock with
+            kill_run_holders(self.server.device_path)
         log.info("kexec: %s, state=%s, update_count=%s", "live update" if live else "plain kexec",
                  result["state"], result["update_count"])
         return result

@@ -12,6 +12,7 @@ node, of kind ``"session"``, bound to its LUO session.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,7 +63,12 @@ def _need_run(file: Any, inst: Any, what: str) -> Any:
 
 
 async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None]) -> Out:
-    """Open our own node as a session file bound to ``s``, install it in the caller, close our copy."""
+    """Open our own node as a session file bound to ``s``, install it in the caller, close our copy.
+
+    Our copy is closed from a worker thread: if it is the last reference (the caller died, or the
+    install failed), the close waits for the kernel's RELEASE, which on CUSE is synchronous and is
+    answered by this very loop.
+    """
     try:
         ours = await file.device.open_own("session", s)
     except BaseException:
@@ -70,10 +76,8 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
         raise
     try:
         newfd = inst.install(caller, ours)
-    except BaseException:
-        os.close(ours)  # our copy was the only reference: its release undoes the session
-        raise
-    os.close(ours)
+    finally:
+        asyncio.get_running_loop().run_in_executor(None, os.close, ours)  # its release undoes the session
     return {"fd": newfd}
 
 
