@@ -537,6 +537,16 @@ def only_unreleased_sessions_cross(h: H) -> None:
     h.close(s)
 
 
+@case(real_only=True)
+def preserve_the_device_or_a_session_fd_enoent(h: H) -> None:
+    s, t = h.create("self-pres"), h.create("self-pres-2")
+    assert h.err(s, P.cmd, pfd_buf(h.dev, 1)) == errno.ENOENT
+    assert h.err(s, P.cmd, pfd_buf(t, 2)) == errno.ENOENT
+    assert h.err(s, P.cmd, pfd_buf(s, 3)) == errno.ENOENT
+    h.close(t)
+    h.close(s)
+
+
 # ============================ fd properties (section 2, 6): real fds only ==============================
 @case(real_only=True)
 def reopen_through_proc(h: H) -> None:
