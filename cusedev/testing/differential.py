@@ -6,11 +6,12 @@ without a NUL, junk after the NUL), tokens, fds of every kind handed to
 PRESERVE_FD, device commands on session fds and the reverse, kind mismatches,
 repeated RETRIEVE/FINISH, closes, re-opens of the device through /proc, dup, fds used by a
 forked child and passed over SCM_RIGHTS — against one device path.  A sequence
-is a function of its seed only: what a call returned never changes which
-calls follow (a failed call leaves fd -1 in its slot), so two devices that
-answer alike get the same calls.  Each sequence runs in a child process named
-``luo-seed-N`` (its ``comm``), which ends by exiting (every fd closed: the
-device and the kernel are back to where they were).
+is a function of its seed and of the answers so far (a failed call leaves
+fd -1 in its slot; calls go mostly to open slots), so two devices that
+answer alike get the same calls, and the first divergence is where two runs
+part.  Each sequence runs in a child process named ``luo-seed-N`` (its
+``comm``), which ends by exiting (every fd closed: the device and the kernel
+are back to where they were).
 
 The calls are recorded from outside with `cusedev trace record` (ptrace),
 once against a real kernel and once against the emulator, and ``compare``
@@ -95,7 +96,14 @@ class Sequence_:
 
     # -- building blocks -------------------------------------------------------------------------------
     def pick(self, slots: list[int]) -> int:
-        return slots[self.rng.randrange(len(slots))] if slots else -1
+        """A slot's fd: mostly an open one, half of those times the newest (calls cluster on the file just
+        made).  Which slots are open follows from earlier answers, so two devices that answered alike so far
+        get the same pick; after a divergence the sequences may part, and the first divergence is reported."""
+        r = self.rng.random()
+        live = [fd for fd in slots if fd >= 0]
+        if not live or r < 0.1:
+            return slots[self.rng.randrange(len(slots))] if slots else -1
+        return live[-1] if r < 0.55 else live[self.rng.randrange(len(live))]
 
     def open_dev(self) -> int:
         try:
@@ -214,7 +222,7 @@ class Sequence_:
                            malformed=True)
             (self.sessions if c in (C, R) else self.files).append(fd)
         elif r < 0.82:  # close something
-            slots = rng.choice((self.sessions, self.sessions, self.files, self.devs))
+            slots = rng.choice((self.sessions, self.sessions, self.sessions, self.files, self.files, self.devs))
             if slots:
                 i = rng.randrange(len(slots))
                 if slots[i] >= 0:
@@ -363,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("exec", help="run the seeded sequences against a device")
     e.add_argument("--device", default="/dev/liveupdate")
     e.add_argument("--seeds", default="1-20")
-    e.add_argument("--calls", type=int, default=30)
+    e.add_argument("--calls", type=int, default=40)
     c = sub.add_parser("compare", help="diff two recorded runs sequence by sequence")
     c.add_argument("a")
     c.add_argument("b")
