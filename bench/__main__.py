@@ -32,7 +32,6 @@ from cusedev import control  # noqa: E402
 
 OPS = ("get_state", "preserve", "event")
 OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "event": "SET_EVENT PREPARE+CANCEL"}
-VM_CACHE = Path(os.environ.get("CUSEDEV_VM_CACHE", "/var/lib/cusedev-vm"))
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 # free: the scheduler decides (on 2 vCPUs it either keeps both on one CPU or splits them, run by
 # run); pinned: both on one CPU; split: server and client on different CPUs.  The last two are
@@ -399,23 +398,17 @@ def _git_rev(repo: Path = REPO) -> str:
 
 # -- VM ------------------------------------------------------------------------------------------
 def run_vm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Boot the cached test VM (scripts/test-all's assets and vng pattern) and run the CUSE benchmark inside."""
-    kver_file = VM_CACHE / "kernel/.ready"
-    if not kver_file.exists() or not (VM_CACHE / "venv/bin/vng").exists():
-        raise SystemExit(f"no VM assets in {VM_CACHE}: run `scripts/test-all --vm-only` once to set them up")
+    """Boot the test VM's LUO kernel (vm/run-guest, as scripts/test-all does) and run the CUSE benchmark inside."""
     if subprocess.run(["pgrep", "qemu-system"], capture_output=True).returncode == 0:
         raise SystemExit("another qemu is running: not booting a VM now (measurements would be meaningless)")
     build(work)
-    kver = kver_file.read_text().strip()
-    guest = (f"cd {shlex.quote(str(REPO))} && export HOME=/tmp PYTHONDONTWRITEBYTECODE=1 && "
-             f"timeout 60 modprobe cuse && timeout {args.vm_timeout} {shlex.quote(sys.executable)} -m bench "
-             f"--guest {shlex.quote(str(work))} --runs {args.vm_runs}{' --latency-only' if args.latency_only else ''}"
-             f"; sync")
-    env = {**os.environ, "PATH": f"{VM_CACHE}/venv/bin:{os.environ['PATH']}"}
-    log(f"VM: booting {kver} (TCG)")
-    subprocess.run(["vng", "--disable-kvm", "--memory", os.environ.get("CUSEDEV_VM_MEMORY", "2G"),
-                    "-r", str(VM_CACHE / f"kernel/root/boot/vmlinuz-{kver}"), "--rwdir", str(work),
-                    "--exec", guest], stdin=subprocess.DEVNULL, env=env, timeout=args.vm_timeout + 300)
+    guest = [sys.executable, "-m", "bench", "--guest", str(work), "--runs", str(args.vm_runs)]
+    guest += ["--latency-only"] if args.latency_only else []
+    log("VM: booting the LUO kernel (TCG, vm/run-guest)")
+    subprocess.run([sys.executable, str(REPO / "vm/run-guest"), "--results", str(work),
+                    "--timeout", str(args.vm_timeout + 300), "--env", "PYTHONDONTWRITEBYTECODE=1",
+                    "--", "timeout", str(args.vm_timeout), *guest],
+                   cwd=REPO, stdin=subprocess.DEVNULL, timeout=args.vm_timeout + 600)
     out = work / "guest.json"
     if not out.exists():
         raise SystemExit("the VM produced no results (see the console output above)")
