@@ -429,7 +429,7 @@ class Emulator:
         A status round trip first: the emulator writes records after the
         replies, and its control loop answers only after those writes.
         """
-        from ..tracing.record import read_records
+        from ..tracing.show import read_records
 
         if not self.trace_enabled:
             raise RuntimeError("this Emulator was started with trace=False")
@@ -443,7 +443,7 @@ class Emulator:
 
     def trace_tail(self, lines: int = 30) -> list[str]:
         """The last ``lines`` trace records, strace-style (what failure reports show)."""
-        from ..tracing.record import format_record
+        from ..tracing.show import format_record
 
         if not self.trace_enabled:
             return []

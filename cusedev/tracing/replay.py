@@ -11,7 +11,8 @@ import sys
 from typing import TextIO
 
 from .. import profiles
-from .record import FORMAT_VERSION, read_records
+from .record import FORMAT_VERSION
+from .show import read_records
 
 
 class ReplayError(Exception):

@@ -28,8 +28,8 @@ import time
 from typing import Any, TextIO
 
 from ...libc import function
-from ...tracing.record import errname
 from ...tracing.replay import ReplayError
+from ...tracing.show import errname
 from . import uapi
 from .client import LiveUpdateDevice
 
