@@ -177,7 +177,7 @@ def test_status_human_and_json(emu) -> None:
         assert st["transport"] == emu.transport and st["abi"] == "v3"
         assert st["outgoing"] == [{"token": 42, "state": "normal", "size": 777, "restored": False}]
         human = cli("status", "--device", dev).stdout
-        assert "state:        normal" in human and "token 42" in human and f"pid {os.getpid()}" in human
+        assert "state:        normal" in human and "token 0x2a" in human and f"pid {os.getpid()}" in human
     assert status(dev)["opener_pid"] is None
     r = cli("status", "--device", "/nonexistent/dev", check=False)
     assert r.returncode == 1 and "no emulator is serving" in r.stderr and "Traceback" not in r.stderr
