@@ -18,7 +18,7 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import profiles
 from ..libc import fail
@@ -27,6 +27,9 @@ from .dispatch import dispatch
 from .fdpass import TrappedCall
 from .intercept import Call, Fault, Interceptor, chain
 from .seam import Caller, CallerMemory, FdInstaller, einval
+
+if TYPE_CHECKING:
+    from ..tracing.record import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class EmulatedDevice:
         self.chain: list[Interceptor] = []
         self.interceptor: Callable[[Call], int | Awaitable[int]] | None = None
         #: ``cusedev.tracing.record.Tracer`` while recording, else None
-        self.tracer: Any = None
+        self.tracer: Tracer | None = None
         #: each FUSE connection's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
         self.pumps: list[Callable[[], None]] = []
         self.opener_tid = 0
