@@ -161,12 +161,17 @@ def _control(device: str, cmd: str, **args: object) -> dict:
     try:
         return request(device, cmd, **args)
     except ControlError as e:
-        stale = _stale_socket(device)
-        if stale:
-            raise CliError(f"the emulator of {device} is not running: {stale} is a stale control socket "
-                           f"(left by an emulator that was killed; the next `cusedev serve --device {device}` "
-                           "clears it)") from None
-        raise CliError(str(e)) from None
+        raise _control_error(device, e) from None
+
+
+def _control_error(device: str, e: Exception) -> CliError:
+    """The one-line error for a failed control request: a stale socket is not a missing one."""
+    stale = _stale_socket(device)
+    if stale:
+        return CliError(f"the emulator of {device} is not running: {stale} is a stale control socket "
+                        f"(left by an emulator that was killed; the next `cusedev serve --device {device}` "
+                        "clears it)")
+    return CliError(str(e))
 
 
 def _stale_socket(device: str) -> str | None:
@@ -423,7 +428,7 @@ def _run_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_under(args.device, argv))
     except ControlError as e:
-        raise CliError(str(e)) from None
+        raise _control_error(args.device, e) from None
     except (FileNotFoundError, PermissionError) as e:  # it changed since the check
         print(f"cusedev run: {argv[0]}: {e.strerror}", file=sys.stderr)
         return 127 if isinstance(e, FileNotFoundError) else 126

@@ -137,8 +137,9 @@ def test_killed_emulator_is_stale_and_leaves_nothing_after_restart(device: str, 
         assert _our_entries(device)
         srv.proc.kill()  # type: ignore[union-attr]
         srv.proc.wait()  # type: ignore[union-attr]
-        p = cli("status", "--device", device)
-        assert p.returncode == 1 and "stale" in p.stderr and "not running" in p.stderr, p.stderr
+        for args in (("status",), ("kexec",), ("run", "--", "true")):
+            p = cli(*args[:1], "--device", device, *args[1:])
+            assert p.returncode == 1 and "stale" in p.stderr and "not running" in p.stderr, (args, p.stderr)
     with ServerProc(device, transport_name) as srv:
         srv.start()
         assert cli("status", "--device", device).returncode == 0
