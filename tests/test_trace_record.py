@@ -66,7 +66,13 @@ if victim == 0:
     time.sleep(30); os._exit(0)
 os.kill(victim, signal.SIGKILL); os.waitpid(victim, 0)
 s2 = dev.create_session("beta")
-s2.close(); s.close(); os.close(d); os.close(keep); dev.close()
+k = s2.fd; s2.close()
+m2 = os.memfd_create("y"); assert m2 == k     # the number that was a session is a memfd now
+s.preserve(m2, 9)
+n = dev.fd; dev.close()
+x = os.dup(s.fd); assert x == n               # the device's number is now a session's
+call(x, uapi.GET_NAME.cmd, bytearray(uapi.GET_NAME.struct.pack(72, 0, b"")))
+os.close(x); s.close(); os.close(d); os.close(keep)
 print("client done")
 '''
 
@@ -111,6 +117,11 @@ def test_the_same_run_recorded_both_ways_is_equal(emulator: ServerProc, tmp_path
     assert len(pids) >= 3, "the forked and the exec'ed children's calls are recorded"
     assert any(r["name"] == "LIVEUPDATE_SESSION_GET_NAME" and r["tid"] != r["pid"] for r in ioctls), "thread"
     assert any(r.get("errno") == 14 for r in ioctls) and any(r.get("err") == "EBUSY" for r in ioctls)
+    # fd numbers reused (close, then a new file under the same number) are named by what they are now
+    reused = [r for r in ioctls if r["name"] == "LIVEUPDATE_SESSION_PRESERVE_FD" and r["in"].get("token") == 9]
+    assert reused and reused[0]["file"]["kind"] == "shmem", reused
+    last = ioctls[-1]
+    assert last["name"] == "LIVEUPDATE_SESSION_GET_NAME" and last["on"] == "session" and last["errno"] == 0, last
 
     show = subprocess.run([*CLI, "trace", "show", str(rec)], capture_output=True, text=True, timeout=60)
     assert show.returncode == 0, show.stderr

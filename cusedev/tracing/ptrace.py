@@ -82,8 +82,10 @@ _STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 #: per audit arch: syscall numbers of ioctl, openat, open (None: the arch has none), reboot, kcmp
 _ARCHES: dict[int, dict[str, int | None]] = {
-    0xC000003E: {"ioctl": 16, "openat": 257, "open": 2, "reboot": 169, "kcmp": 312},  # x86_64
-    0xC00000B7: {"ioctl": 29, "openat": 56, "open": None, "reboot": 142, "kcmp": 272},  # aarch64
+    0xC000003E: {"ioctl": 16, "openat": 257, "open": 2, "reboot": 169, "kcmp": 312,  # x86_64
+                 "close": 3, "dup2": 33, "dup3": 292, "close_range": 436},
+    0xC00000B7: {"ioctl": 29, "openat": 56, "open": None, "reboot": 142, "kcmp": 272,  # aarch64
+                 "close": 57, "dup2": None, "dup3": 24, "close_range": 436},
 }
 _HOST = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
 _SESSION_LINK = "anon_inode:[luo_session] "
@@ -285,6 +287,12 @@ class Recorder:
                 f.reps.remove((pid, fd))
         self.files = [f for f in self.files if f.reps]
 
+    def forget_range(self, pid: int, first: int, last: int) -> None:
+        """close_range, or an exec (whose close-on-exec fds go): every witness of ``pid`` in that range."""
+        for f in self.files:
+            f.reps = [r for r in f.reps if r[0] != pid or not first <= r[1] <= last]
+        self.files = [f for f in self.files if f.reps]
+
     def _new(self, pid: int, fd: int, on: str, session: str | None = None) -> OpenFile:
         f = OpenFile(self.next_fh, on, session, [(pid, fd)])
         self.next_fh += 1
@@ -299,9 +307,13 @@ class Recorder:
         except OSError:
             return None
         pid = self._tgid(tid)
-        if link.startswith(_SESSION_LINK):
+        if link.startswith(_SESSION_LINK):  # the kernel names it: trust that over what the number was before
+            name = link[len(_SESSION_LINK):]
             f = self._known(pid, fd)
-            return f if f is not None else self._new(pid, fd, "session", link[len(_SESSION_LINK):])
+            if f is None or f.on != "session" or f.session != name:
+                self.forget(pid, fd)
+                f = self._new(pid, fd, "session", name)
+            return f
         try:
             st = os.stat(base)
         except OSError:
@@ -310,10 +322,10 @@ class Recorder:
             return None
         f = self._known(pid, fd)
         if self.no_kcmp and self.device_kind != "kernel":
-            on, name = self._probe(tid, fd)
+            on, pname = self._probe(tid, fd)
             if f is None or f.on != on:
                 self.forget(pid, fd)
-                f = self._new(pid, fd, on, name)
+                f = self._new(pid, fd, on, pname)
         return f if f is not None else self._new(pid, fd, "device")
 
     def _probe(self, tid: int, fd: int) -> tuple[str, str | None]:
@@ -353,7 +365,7 @@ class Recorder:
             return {"kind": "none"}
         if link.startswith(_SESSION_LINK):
             return {"kind": "session", "name": link[len(_SESSION_LINK):]}
-        f = self._known(self._tgid(tid), fd)
+        f = self.classify(tid, fd)
         if f is not None:
             return {"kind": f.on, **({"name": f.session} if f.session is not None else {})}
         try:
@@ -369,6 +381,14 @@ class Recorder:
     def on_entry(self, tid: int, arch: int, nr: int, args: tuple[int, ...]) -> None:
         nrs = _ARCHES.get(arch)
         if nrs is None:
+            return
+        if nr in (nrs["close"], nrs["dup2"], nrs["dup3"], nrs["close_range"]):
+            # an fd number freed (or about to name another file): it no longer witnesses what it was
+            pid = self._tgid(tid)
+            if nr == nrs["close_range"]:
+                self.forget_range(pid, args[0] & 0xFFFFFFFF, args[1] & 0xFFFFFFFF)
+            else:
+                self.forget(pid, ctypes.c_int((args[0] if nr == nrs["close"] else args[1]) & 0xFFFFFFFF).value)
             return
         if nr == nrs["ioctl"]:
             fd = ctypes.c_int(args[0] & 0xFFFFFFFF).value
@@ -618,6 +638,7 @@ class Recorder:
                     self.pending.pop(former, None)
                     self.tracees.discard(former)
                 self.pending.pop(tid, None)
+                self.forget_range(self._tgid(tid), 0, 0xFFFFFFFF)  # close-on-exec fds are gone; the rest re-found
                 self._resume(tid)
             elif event == EVENT_STOP:
                 if sig in _STOP_SIGNALS:  # a group-stop: stay stopped like an untraced process would
