@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import pwd
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -105,8 +106,8 @@ def load_ffi(*names: str) -> Any:
     key = hashlib.sha256((cffi.__version__ + "\0" + text).encode()).hexdigest()[:16]
     name = f"_cusedev_ffi_{key}"
     cache = cache_dir()
-    if cache is not None:
-        cached = _load_cached(cache / f"{name}.py", name)
+    for where in _lookup_dirs(cache):
+        cached = _load_cached(where / f"{name}.py", name)
         if cached is not None:
             return cached
     parsed = cffi.FFI()
@@ -114,6 +115,20 @@ def load_ffi(*names: str) -> Any:
     if cache is not None:
         _store(parsed, cache, name)
     return parsed
+
+
+def _lookup_dirs(cache: Path | None) -> list[Path]:
+    """Where a cached parse is looked for: the cache dir, then (read only) the user's own home's.
+
+    A process whose ``$HOME`` points elsewhere (the CI VM runs the host's files with a throw-away
+    home) still finds the parse the same user made before; it never writes there.
+    """
+    dirs = [cache] if cache is not None else []
+    try:
+        home = Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".cache" / "cusedev"
+    except (KeyError, OSError):
+        return dirs
+    return dirs if home in dirs else [*dirs, home]
 
 
 def _load_cached(path: Path, name: str) -> Any:
