@@ -201,7 +201,9 @@ class Runtime:
                     call.cancel()  # the caller died: its reply is EINTR, read by nobody
             err = work.result()
         finally:
-            os.close(dup)
+            # off the loop too: if the caller died, ours is the last reference, and closing a CUSE
+            # file's last reference waits for a RELEASE reply that only the loop sends
+            await asyncio.get_running_loop().run_in_executor(None, os.close, dup)
         if n.valid():
             n.reply(error=err) if err else n.reply(0)
         else:
