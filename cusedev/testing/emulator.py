@@ -57,7 +57,7 @@ from ..libc import function
 
 if TYPE_CHECKING:
     from ..control.server import Server
-    from ..profiles.v3.client import LiveUpdateDevice
+    from ..device.seam import Caller, FdInstaller
 
 __all__ = ["Emulator", "EmulatorError", "available_transport"]
 
@@ -138,6 +138,37 @@ def _cleanup(device_path: str, tmpdir: str | None, proc: subprocess.Popen[bytes]
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+class _SelfInstaller:
+    """Puts a new fd into the caller when the caller is this very process (an in-process emulator)."""
+
+    def reserve(self, caller: Caller) -> None:
+        return None
+
+    def install(self, caller: Caller, fd: int) -> int:
+        return os.dup(fd)  # os.dup: O_CLOEXEC set, lowest free number, as ADDFD does
+
+
+def _in_this_process(tid: int) -> bool:
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
+def _in_process_device(profile: str) -> Any:
+    """The in-process emulator's device: its own threads' fd-returning calls install here."""
+    from ..device.openfiles import EmulatedDevice
+
+    class InProcessDevice(EmulatedDevice):
+        def installer_for(self, caller: Caller) -> FdInstaller | None:
+            found = super().installer_for(caller)
+            if found is self.installer and not _in_this_process(caller.tid):
+                return None  # another process outside `cusedev run`: EOPNOTSUPP, as served
+            return found
+
+    dev = InProcessDevice(profile=profile)
+    if set(dev.kinds) != {"device"}:  # a profile whose commands return open files of its own (sessions)
+        dev.installer = _SelfInstaller()
+    return dev
+
+
 class Emulator:
     """One emulated /dev/liveupdate with its control plane; a context manager.
 
@@ -146,13 +177,22 @@ class Emulator:
     ``trace`` (default on) records every device event to ``trace_path`` for
     ``trace_records()`` and for failure reports; ``inject`` rules are active
     from the first call; ``sysfs`` is ``auto``/``fuse``/``files`` or None.
-    ``state_dir`` is passed to ``serve --state-dir``.
+    ``state_dir`` is passed to ``serve --state-dir``.  ``abi`` names the ABI
+    profile served (``serve --abi``: "v3", "6.19", "7.2", "mainline"); ``open()``
+    then gives that profile's client.  In-process, fd-returning commands of a
+    session profile install their fd into this process when this process is
+    the caller (the emulator is the caller's own process, as under `cusedev
+    run` the supervisor would install it); other processes need ``run()``.
     """
 
     def __init__(self, path: str | None = None, transport: str = "auto", *, in_process: bool = False,
                  trace: bool = True, inject: Sequence[str] = (), sysfs: str | None = "auto",
                  state_dir: str | None = None, ready_timeout: float | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, abi: str = "v3"):
+        from ..profiles import base as profiles
+
+        profiles.get(abi)  # ValueError naming the known profiles, before anything is created
+        self.abi = abi
         if transport not in ("auto", "cuse", "fuse"):
             raise ValueError(f"unknown transport {transport!r} (auto, cuse or fuse)")
         self.requested_transport = transport
@@ -217,6 +257,8 @@ class Emulator:
 
     def _serve_args(self) -> list[str]:
         args = ["--device", self.path, "--transport", self.requested_transport]
+        if self.abi != "v3":
+            args += ["--abi", self.abi]
         if self.sysfs_mode:
             args += ["--sysfs", self.sysfs_mode, "--sysfs-root", str(self.sysfs_path)]
         else:
@@ -309,10 +351,9 @@ class Emulator:
 
     async def _serve_in_thread(self, ready: dict[str, Any], started: threading.Event) -> None:
         from ..control.server import ServeError, Server
-        from ..device.openfiles import EmulatedDevice as DeviceHandler
         from ..tracing import record as trace
 
-        handler = DeviceHandler()
+        handler = _in_process_device(self.abi)
         for rule in self.initial_rules:
             handler.injector.add(rule)
         if self.trace_enabled:
@@ -451,11 +492,13 @@ class Emulator:
         return out[-lines:]
 
     # -- clients ---------------------------------------------------------------------------------
-    def open(self, flags: int = os.O_RDWR) -> LiveUpdateDevice:
-        """An open ``cusedev.client.LiveUpdateDevice`` on this emulator (a context manager)."""
-        from ..profiles.v3.client import LiveUpdateDevice
+    def open(self, flags: int = os.O_RDWR) -> Any:
+        """An open client of the served profile on this emulator (a context manager):
+        ``cusedev.client.LiveUpdateDevice`` for v3, ``SessionDevice`` for 6.19/7.2."""
+        from ..profiles import base as profiles
 
-        return LiveUpdateDevice(self.path, flags)
+        client: type = profiles.get(self.abi).client
+        return client(self.path, flags)
 
     def run_argv(self, cmd: Sequence[str] | str) -> list[str]:
         """The argv that runs ``cmd`` under ``cusedev run`` (a string runs through /bin/sh -c)."""

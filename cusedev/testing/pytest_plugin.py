@@ -8,10 +8,12 @@ Fixtures:
     happened.  Transport: the best available (CUSE, else the FUSE file);
     ``CUSEDEV_TEST_TRANSPORT=cuse|fuse|auto`` overrides.  Options per test
     with the marker ``@pytest.mark.liveupdate(in_process=True, inject=[...],
-    sysfs=None, trace=False, transport="fuse")`` (keyword arguments of
-    ``Emulator``).
+    sysfs=None, trace=False, transport="fuse", abi="7.2")`` (keyword
+    arguments of ``Emulator``).  The ABI profile defaults to
+    ``--cusedev-abi`` (command line; default "v3").
 ``liveupdate_device``
-    An open ``cusedev.client.LiveUpdateDevice`` on that emulator.
+    An open client of that emulator's profile: ``cusedev.client.LiveUpdateDevice``
+    for v3, ``SessionDevice`` (``create_session(name)`` -> session) for 6.19/7.2.
 
 Tests using them are skipped, with the reason, when not running as root or
 when neither /dev/cuse nor /dev/fuse is usable.  When such a test fails, its
@@ -29,18 +31,23 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:  # imported by the fixtures: every pytest run in an environment with cusedev loads this plugin
-    from ..profiles.v3.client import LiveUpdateDevice
     from .emulator import Emulator
 
 EMULATOR_KEY = pytest.StashKey["Emulator"]()
 TRACE_TAIL_LINES = int(os.environ.get("CUSEDEV_TRACE_TAIL", "40"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cusedev-abi", default="v3", metavar="PROFILE",
+                     help="ABI profile of the liveupdate_emulator fixture when a test's marker names none "
+                          "(v3, 6.19, 7.2, mainline; default v3)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "liveupdate(**kwargs): options for the liveupdate_emulator fixture (cusedev.Emulator keyword "
-        "arguments: in_process, inject, sysfs, trace, transport, state_dir)",
+        "arguments: in_process, inject, sysfs, trace, transport, state_dir, abi)",
     )
 
 
@@ -75,6 +82,7 @@ def liveupdate_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     marker = request.node.get_closest_marker("liveupdate")
     kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
     kwargs.setdefault("transport", _requested_transport())
+    kwargs.setdefault("abi", request.config.getoption("--cusedev-abi", "v3"))
     why = _skip_reason(kwargs["transport"])
     if why:
         pytest.skip(why)
@@ -90,8 +98,8 @@ def liveupdate_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def liveupdate_device(liveupdate_emulator: Emulator) -> Iterator[LiveUpdateDevice]:
-    """An open client on ``liveupdate_emulator`` (closed after the test, unless a kexec revoked it)."""
+def liveupdate_device(liveupdate_emulator: Emulator) -> Iterator[Any]:
+    """An open client of the emulator's profile (closed after the test, unless a kexec revoked it)."""
     dev = liveupdate_emulator.open()
     try:
         yield dev
