@@ -32,6 +32,11 @@ from cusedev import control  # noqa: E402
 
 OPS = ("get_state", "preserve", "event")
 OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "event": "SET_EVENT PREPARE+CANCEL"}
+#: session-ABI rows (profile 7.2, bench/session_client.c under `cusedev run`), measured beside the v3 rows
+SESSION_OPS = ("get_name", "preserve", "create")
+SESSION_LABEL = {"get_name": "7.2 GET_NAME", "preserve": "7.2 PRESERVE_FD (new memfd)",
+                 "create": "7.2 CREATE_SESSION (trap)"}
+SESSION_ABI = "7.2"
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 # free: the scheduler decides (on 2 vCPUs it either keeps both on one CPU or splits them, run by
 # run); pinned: both on one CPU; split: server and client on different CPUs.  The last two are
@@ -50,6 +55,20 @@ def build(out: Path) -> tuple[Path, Path]:
                     str(REPO / "bench/client.c")], check=True)
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(baseline), str(REPO / "bench/baseline_server.c")], check=True)
     return client, baseline
+
+
+def build_session(out: Path) -> Path:
+    """gcc the session-ABI client (its own header: luo_session.h and luo_v3.h share names)."""
+    client = out / "session_client"
+    if not client.exists():
+        subprocess.run(["gcc", "-O2", "-Wall", "-I", str(REPO / "cdefs"), "-o", str(client),
+                        str(REPO / "bench/session_client.c")], check=True)
+    return client
+
+
+def cusedev_run(device: str) -> list[str]:
+    """The argv prefix that runs a client under `cusedev run` (its fd-returning calls are trapped)."""
+    return [sys.executable, "-m", "cusedev.cli", "run", "--device", device, "--"]
 
 
 def set_affinity(pid: int, cpus: list[int]) -> None:
@@ -190,8 +209,12 @@ def run_client(client: Path, *args: Any, cpus: list[int] | None = None, timeout:
 
 
 # -- the measurements --------------------------------------------------------------------------
-def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dict[str, int]) -> dict[str, Any]:
-    """Every op on every server (name -> (pid, device)), both placements, interleaved; medians of runs."""
+def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dict[str, int],
+            session: tuple[Path, int, str] | None = None) -> dict[str, Any]:
+    """Every op on every server (name -> (pid, device)), every placement, interleaved; medians of runs.
+
+    ``session`` (client, pid, device of a 7.2 emulator): its rows run in the same loop, under `cusedev run`.
+    """
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for r in range(runs):
         for placement in PLACEMENTS:
@@ -203,12 +226,24 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
                     # together: the client ran (mostly) on the CPU the server answered its last calls on
                     res["together"] = res["cpu"] == res["server_cpu"] and res["cpu_share"] >= 0.9
                     raw.setdefault(placement, {}).setdefault(name, {}).setdefault(op, []).append(res)
+            if session is not None:
+                sclient, spid, sdev = session
+                set_affinity(spid, server_cpus)
+                for op in SESSION_OPS:
+                    res = run_client(sclient, "lat", sdev, op, n["session_" + op], cpus=client_cpus,
+                                     wrap=cusedev_run(sdev))
+                    raw.setdefault(placement, {}).setdefault("session", {}).setdefault(op, []).append(res)
             log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
                 f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))
     for pid, _dev in servers.values():
         set_affinity(pid, ALL_CPUS)
     out: dict[str, Any] = {}
     for placement, by_server in raw.items():
+        by_sop = by_server.pop("session", None)
+        if by_sop:
+            srows = {op: {k: statistics.median(x[k] for x in results) for k in ("median_us", "p99_us", "ioctls_per_s")}
+                     | {"runs": results} for op, results in by_sop.items()}
+            out.setdefault(placement, {})["session"] = srows
         for name, by_op in by_server.items():
             for op, results in by_op.items():
                 out.setdefault(placement, {}).setdefault(op, {})[name] = {
@@ -225,6 +260,13 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             if "emulator_traced" in row:
                 row["trace_growth_pct"] = round(
                     100 * (row["emulator_traced"]["median_us"] / row["emulator"]["median_us"] - 1), 1)
+        srows = out[placement].get("session")
+        if srows:  # ratios against the plain round trips of the same run and placement
+            v3 = out[placement]["get_state"]["emulator"]["median_us"]
+            plain = srows["get_name"]["median_us"]
+            for row in srows.values():
+                row["ratio_vs_v3_get_state"] = round(row["median_us"] / v3, 2)
+                row["ratio_vs_get_name"] = round(row["median_us"] / plain, 2)
     return out
 
 
@@ -258,6 +300,40 @@ def kexec_restore(client: Path, transport: str, device: str, count: int, kib: in
                 "prepare_s": held["prepare_s"], "kexec_s": kexec_s, "restore_s": res["restore_s"],
                 "finish_s": res["finish_s"], "cusedev_run_total_s": run_s, "rss_kib_start": rss0,
                 "rss_kib_prepared": rss_prepared, "rss_kib_after": rss_kib(emu.pid)}
+
+
+def session_kexec(client: Path, transport: str, device: str, sessions: int, files: int,
+                  kib: int) -> dict[str, Any]:
+    """7.2: ``sessions`` sessions of ``files`` memfds of ``kib`` KiB held by a client under `cusedev run`,
+    kexec (control socket, timed here), then RETRIEVE_SESSION + RETRIEVE_FD of all + FINISH under `cusedev
+    run`.  Pages are allocated (fallocate) up to 1 GiB in all; beyond, the memfds are sized but sparse."""
+    alloc = sessions * files * kib <= 1 << 20
+    with Emulator(device, transport, extra=("--abi", SESSION_ABI)) as emu:
+        hold = subprocess.Popen([*cusedev_run(device), str(client), "hold", device, str(sessions), str(files),
+                                 str(kib), str(int(alloc))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=_raise_nofile)
+        assert hold.stdout is not None and hold.stdin is not None
+        line = hold.stdout.readline()
+        if not line:
+            hold.wait()
+            raise RuntimeError(f"session hold: {hold.stderr.read().decode() if hold.stderr else ''}")
+        held = json.loads(line)
+        rss_held = rss_kib(emu.pid)
+        t0 = time.perf_counter()
+        reply = control.request(device, "kexec")
+        kexec_s = time.perf_counter() - t0
+        if not reply.get("ok"):
+            raise RuntimeError(f"kexec failed: {reply}")
+        hold.stdin.close()
+        hold.wait()
+        res = run_client(client, "restore", device, sessions, files, wrap=cusedev_run(device))
+        if res["size"] != kib * 1024:
+            raise RuntimeError(f"restored size {res['size']} != {kib * 1024}")
+        return {"sessions": sessions, "files": files, "bytes_each": kib * 1024, "allocated": alloc,
+                "hold_s": held["hold_s"], "kexec_s": kexec_s, "restore_s": res["restore_s"],
+                "retrieve_session_s": res["retrieve_session_s"], "finish_s": res["finish_s"],
+                "retrieve_fd_median_us": res["retrieve_fd_median_us"],
+                "retrieve_fd_p99_us": res["retrieve_fd_p99_us"], "rss_kib_held": rss_held}
 
 
 def memory_growth(client: Path, transport: str, device: str, big: int) -> dict[str, Any]:
@@ -313,6 +389,29 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"{placement:<8} {OP_LABEL[op]:<26} {e['median_us']:>15.1f} "
                          f"{t['median_us']:>13.1f} {row['trace_growth_pct']:>+6.1f}% "
                          f"{e['together_runs']:>22}/{len(e['runs'])} {t['together_runs']:>4}/{len(t['runs'])}")
+    if any("session" in lat[p] for p in PLACEMENTS if p in lat):
+        lines.append("")
+        lines.append(f"{'placement':<8} {'session ABI (7.2) ioctl':<28} {'emulator med/p99 µs':>20} "
+                     f"{'vs v3 GET_STATE':>15} {'vs GET_NAME':>11} {'ioctl/s':>8}")
+        for placement in PLACEMENTS:
+            srows = lat.get(placement, {}).get("session")
+            for op in SESSION_OPS if srows else ():
+                r = srows[op]
+                lines.append(f"{placement:<8} {SESSION_LABEL[op]:<28} {r['median_us']:>9.1f} / {r['p99_us']:>8.1f} "
+                             f"{r['ratio_vs_v3_get_state']:>14.2f}x {r['ratio_vs_get_name']:>10.2f}x "
+                             f"{r['ioctls_per_s']:>8.0f}")
+    if res.get("session_kexec"):
+        lines.append("")
+        lines.append(f"{'7.2 carried':<30} {'hold ms':>8} {'kexec ms':>9} {'restore ms':>10} "
+                     f"{'RETRIEVE_FD med/p99 µs':>22} {'RSS held MiB':>12}")
+        for k in res["session_kexec"]:
+            size = k["bytes_each"]
+            label = (f"{k['sessions']} sess x {k['files']} x "
+                     + (f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB")
+                     + ("" if k["allocated"] else " sparse"))
+            lines.append(f"{label:<30} {k['hold_s'] * 1e3:>8.1f} {k['kexec_s'] * 1e3:>9.1f} "
+                         f"{k['restore_s'] * 1e3:>10.1f} {k['retrieve_fd_median_us']:>10.1f} / "
+                         f"{k['retrieve_fd_p99_us']:>9.1f} {k['rss_kib_held'] / 1024:>12.1f}")
     if res.get("kexec"):
         lines.append("")
         lines.append(f"{'preserved':<18} {'preserve ms':>11} {'prepare ms':>10} {'kexec ms':>9} {'restore ms':>10} "
@@ -338,7 +437,10 @@ def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, A
     in_vm = transport == "cuse"
     device = "/dev/liveupdate-bench" if in_vm else str(work / "liveupdate")
     scale = 0.1 if args.quick or in_vm else 1.0
-    n = {"get_state": int(20000 * scale), "preserve": int(4000 * scale), "event": int(8000 * scale)}
+    n = {"get_state": int(20000 * scale), "preserve": int(4000 * scale), "event": int(8000 * scale),
+         "session_get_name": int(20000 * scale), "session_preserve": int(4000 * scale),
+         "session_create": int(2000 * scale)}
+    session_client = build_session(work)
     res: dict[str, Any] = {
         "host": socket.gethostname(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "transport": transport, "kernel": platform.release(), "python": platform.python_version(),
@@ -361,8 +463,9 @@ def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, A
                 continue
             b = stack.enter_context(Baseline(baseline_exe, mode, work))
             servers[name] = (b.pid, b.device)
+        sess = stack.enter_context(Emulator(device + "-session", transport, extra=("--abi", SESSION_ABI)))
         log(f"latency: {args.runs} run(s), {transport} transport")
-        res["latency"] = latency(client, servers, args.runs, n)
+        res["latency"] = latency(client, servers, args.runs, n, (session_client, sess.pid, sess.device))
     if args.latency_only:
         return res
     sizes = [1 << 10, 256 << 10] if in_vm else [1 << 10, 256 << 10, 2048 << 10]
@@ -370,6 +473,13 @@ def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, A
     for kib in sizes:
         log(f"kexec/restore: 1 memfd of {kib >> 10} MiB")
         res["kexec"].append(kexec_restore(client, transport, device, 1, kib))
+    # the kernel's stress tests' sizes; 4 KiB against 64 MiB files: the cost must not follow the bytes
+    shapes = [(2000, 1, 4), (1, 500, 4), (1, 500, 64 << 10)] if not in_vm else [(200, 1, 4), (1, 50, 4),
+                                                                                 (1, 50, 64 << 10)]
+    res["session_kexec"] = []
+    for sessions, files, kib in shapes:
+        log(f"7.2 kexec/retrieve: {sessions} session(s) of {files} memfd(s) of {kib} KiB")
+        res["session_kexec"].append(session_kexec(session_client, transport, device, sessions, files, kib))
     many = 1000 if (args.quick or in_vm) else 10000
     log(f"kexec/restore: {many} memfds of 4 KiB")
     res["kexec"].append(kexec_restore(client, transport, device, many, 4))
