@@ -34,6 +34,12 @@ def _state_dir(path: str, model: SessionModel) -> Any:
     return SessionStateDir(path, model)
 
 
+def _replay(*args: Any, **kwargs: Any) -> int:
+    from .replay import replay
+
+    return replay(*args, **kwargs)
+
+
 def make(rules: Rules, aliases: tuple[str, ...] = ()) -> Profile:
     kinds = {
         "device": Kind("device", base=0, ops=ops.DEVICE_OPS, exclusive=True),
@@ -62,6 +68,7 @@ def make(rules: Rules, aliases: tuple[str, ...] = ()) -> Profile:
         state_dir=_state_dir,  # type: ignore[arg-type]
         cdefs=("luo_session.h",),
         aliases=aliases,
+        replay=_replay,
     )
 
 
