@@ -9,6 +9,7 @@ from .testing.pytest_plugin import (
     failure_section,
     liveupdate_device,
     liveupdate_emulator,
+    pytest_addoption,
     pytest_configure,
     pytest_runtest_makereport,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "failure_section",
     "liveupdate_device",
     "liveupdate_emulator",
+    "pytest_addoption",
     "pytest_configure",
     "pytest_runtest_makereport",
 ]

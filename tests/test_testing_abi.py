@@ -135,3 +135,26 @@ def test_subprocess_emulator_needs_run_for_fds(liveupdate_emulator: Emulator,
                   check=True, timeout=120)
     assert bytes.fromhex(json.loads(out.stdout.splitlines()[-1])["data"]) == PAYLOAD
     assert emu.status()["update_count"] == 1
+
+
+USER_TEST = """
+import pytest
+from cusedev.profiles.session.client import SessionDevice
+
+@pytest.mark.liveupdate(in_process=True, sysfs=None, trace=False)
+def test_profile_from_command_line(liveupdate_emulator, liveupdate_device):
+    assert liveupdate_emulator.abi == "6.19"
+    assert isinstance(liveupdate_device, SessionDevice)
+    liveupdate_device.create_session("cli").close()
+"""
+
+
+def test_command_line_abi_default(tmp_path: os.PathLike[str]) -> None:
+    """``--cusedev-abi`` gives a user's unmarked tests the profile they target (a pytest run of its own)."""
+    test = os.path.join(tmp_path, "test_user.py")
+    with open(test, "w") as f:
+        f.write(USER_TEST)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--cusedev-abi", "6.19",
+                        test], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 passed" in r.stdout
