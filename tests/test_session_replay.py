@@ -1,0 +1,102 @@
+"""`cusedev trace replay` of session-ABI traces (issue 16): what `trace record` saw replays on an emulator.
+
+A client (the differential fuzzer's seeded sequences: session fds, passed
+memfds, malformed structs, forks, closes) is recorded from outside with
+`trace record` (ptrace) against a 7.2 emulator, then replayed, under
+`cusedev run`, into a fresh 7.2 emulator (no divergence) and into a 6.19 one,
+which has no GET_NAME: the replay diverges there and names it.  Everything
+goes through real open()/ioctl() on the FUSE file (CUSE in the VM).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _server import ServerProc
+
+from cusedev.tracing.record import read_records
+
+CLI = [sys.executable, "-m", "cusedev"]
+SEEDS, CALLS = "1-12", 40
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, transport_name: str) -> Path:
+    """The sequences recorded against a 7.2 emulator."""
+    d = tmp_path_factory.mktemp("replay", numbered=True)
+    d.chmod(0o755)
+    out = d / "client.jsonl"
+    with ServerProc(str(d / "rec-dev"), transport_name, "--abi", "7.2", "--no-sysfs") as srv:
+        srv.start()
+        dev = srv.device
+        p = subprocess.run(
+            [*CLI, "trace", "record", "-o", str(out), "--device", dev, "--abi", "7.2", "--",
+             *CLI, "run", "--device", dev, "--",
+             sys.executable, "-m", "cusedev.testing.differential", "exec", "--device", dev, "--seeds", SEEDS,
+             "--calls", str(CALLS)],
+            capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+    return out
+
+
+def _replay(path: Path, abi: str, where: Path, transport: str, *, run: bool = True) -> subprocess.CompletedProcess[str]:
+    with ServerProc(str(where / f"replay-{abi}"), transport, "--abi", abi, "--no-sysfs") as srv:
+        srv.start()
+        pre = [*CLI, "run", "--device", srv.device, "--"] if run else []
+        return subprocess.run([*pre, *CLI, "trace", "replay", str(path), "--device", srv.device, "-q"],
+                              capture_output=True, text=True, timeout=300)
+
+
+def test_a_recorded_session_client_replays_without_divergence(recorded: Path, transport_name: str) -> None:
+    recs = list(read_records(str(recorded)))
+    calls = [r for r in recs if r.get("type") == "ioctl"]
+    # the trace holds what makes session replay hard: session fds, returned fds, passed memfds, failures
+    assert any(r.get("on") == "session" for r in calls)
+    assert any(r.get("ret_fd") for r in calls)
+    assert any(r.get("file", {}).get("kind") == "shmem" and r.get("errno") == 0 for r in calls)
+    assert {"EINVAL", "EFAULT", "EBUSY"} <= {r.get("err") for r in recs}
+
+    p = _replay(recorded, "7.2", recorded.parent, transport_name)
+    assert p.returncode == 0, p.stdout + p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert last == f"replayed {len(recs) - 1} records (0 injected faults skipped): 0 divergences", p.stdout
+
+
+def test_a_profile_without_get_name_diverges_and_says_where(recorded: Path, transport_name: str) -> None:
+    """6.19 has no GET_NAME: a recorded 7.2 GET_NAME that succeeded is EINVAL there (6.19 differs in
+    other rules too, e.g. an empty name: those diverge as well)."""
+    p = _replay(recorded, "6.19", recorded.parent, transport_name)
+    assert p.returncode == 1, p.stdout + p.stderr
+    diverged = [ln for ln in p.stdout.splitlines() if "DIVERGED" in ln]
+    assert any("LIVEUPDATE_SESSION_GET_NAME" in ln and "recorded 0, got EINVAL" in ln for ln in diverged), p.stdout
+    first = next(r for r in read_records(str(recorded))
+                 if r.get("name") == "LIVEUPDATE_SESSION_GET_NAME" and r.get("errno") == 0)
+    assert any(ln.startswith(f"record {first['seq']}: ioctl LIVEUPDATE_SESSION_GET_NAME on session ")
+               for ln in diverged), (first["seq"], diverged)
+    assert p.stdout.strip().splitlines()[-1].endswith(f"{len(diverged)} divergences")
+
+
+def test_a_changed_answer_is_found(recorded: Path, transport_name: str, tmp_path: Path) -> None:
+    recs = list(read_records(str(recorded)))
+    victim = next(r for r in recs if r.get("type") == "ioctl" and r.get("errno") == 22 and r.get("on") == "session"
+                  and r.get("name") != "unknown")
+    victim["errno"] = 9
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bad.chmod(0o644)
+    p = _replay(bad, "7.2", recorded.parent, transport_name)
+    assert p.returncode == 1
+    assert f"record {victim['seq']}: ioctl {victim['name']} on session" in p.stdout
+    assert "errno: recorded EBADF, got EINVAL" in p.stdout
+    assert p.stdout.strip().endswith(": 1 divergence"), p.stdout
+
+
+def test_returned_fds_need_cusedev_run(recorded: Path, transport_name: str) -> None:
+    p = _replay(recorded, "7.2", recorded.parent, transport_name, run=False)
+    assert p.returncode == 1
+    assert "LIVEUPDATE_IOCTL_CREATE_SESSION on device: DIVERGED: errno: recorded 0, got EOPNOTSUPP" in p.stdout
+    assert "cusedev run -- cusedev trace replay" in p.stdout
