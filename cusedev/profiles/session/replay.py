@@ -76,6 +76,12 @@ class SessionReplayer:
                 if fh is not None:
                     pids_of.setdefault(int(fh), set()).add(pid)
         self.close_after = {fh: max(last_of_pid[p] for p in pids) for fh, pids in pids_of.items()}
+        head = records[0] if records else {}
+        # `serve --trace`: the emulator's own opens of its node are the session files it hands out, and
+        # releases are recorded; `trace record`: neither, closes are inferred
+        self.own_pid = None if "recorder" in head else head.get("emulator_pid")
+        self.infer_closes = "recorder" in head
+        self.own_fh: int | None = None
         self.divergences = self.replayed = self.skipped = 0
 
     # -- reporting -------------------------------------------------------------------------------
@@ -84,6 +90,8 @@ class SessionReplayer:
         if rec.get("type") == "ioctl":
             name = rec.get("name") if rec.get("name") != "unknown" else f"{rec.get('cmd', 0):#x}"
             on = rec.get("on")
+            if on is None:
+                return f"ioctl {name}"
             return f"ioctl {name} on {on}" + (f" {rec.get('session')!r}" if on == "session" else "")
         return str(rec.get("type"))
 
@@ -147,6 +155,8 @@ class SessionReplayer:
 
     def reap(self, index: int) -> None:
         """Close the files whose every user has made its last call (their processes are gone)."""
+        if not self.infer_closes:
+            return
         for fh in [fh for fh in self.fds if self.close_after.get(fh, index) < index]:
             self._close_fh(fh)
 
@@ -174,6 +184,9 @@ class SessionReplayer:
         self._close_fh(int(rec.get("fh", -1)))
 
     def do_open(self, rec: dict[str, Any]) -> None:
+        if self.own_pid is not None and rec.get("pid") == self.own_pid:
+            self.own_fh = rec.get("fh")  # the session file the next fd-returning call hands out
+            return
         flags = int(rec.get("flags", os.O_RDWR))
         real = not flags & os.O_PATH
         if real and rec.get("errno", 0) == 0:
@@ -310,10 +323,10 @@ class SessionReplayer:
         finally:
             if region is not None:
                 region.close()
-        if got == 0 and cmd == _PRESERVE and rec.get("on") == "session":
+        if got == 0 and cmd == _PRESERVE:
             token = (rec.get("in") or {}).get("token")
             if token is not None and "file" in rec:
-                self.preserved[(str(rec.get("session")), int(token))] = rec["file"]
+                self.preserved[(self._session_name(rec), int(token))] = rec["file"]
         self.ok(rec)
 
     def _check_out(self, rec: dict[str, Any], cmd: int, region: Region) -> bool:
@@ -339,14 +352,18 @@ class SessionReplayer:
         ret = rec.get("ret_fd") or {}
         if cmd in _SESSION_CMDS:
             name = ret.get("name", (rec.get("in") or {}).get("name"))
-            self._adopt(ret.get("fh"), newfd, "session", name)
+            fh, self.own_fh = ret.get("fh", self.own_fh), None
+            self._adopt(fh, newfd, "session", name)
             return True
         self.extra.append(newfd)  # RETRIEVE_FD: a file of the client's, compared with what was preserved
         return self._check_retrieved(rec, newfd)
 
+    def _session_name(self, rec: dict[str, Any]) -> str:
+        return str(rec.get("session") or self.session_of.get(int(rec.get("fh", -1)), ""))
+
     def _check_retrieved(self, rec: dict[str, Any], fd: int) -> bool:
         token = (rec.get("in") or {}).get("token")
-        info = self.preserved.get((str(rec.get("session")), int(token or 0)))
+        info = self.preserved.get((self._session_name(rec), int(token or 0)))
         if not info or "sha256" not in info:
             return True
         try:
