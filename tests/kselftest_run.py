@@ -72,7 +72,12 @@ def tap_summary(text: str) -> list[str]:
     return out
 
 
+def _progress(msg: str) -> None:
+    print(f"[kselftest_run {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _run(emu: SessionEmulator, argv: list[str], cwd: Path) -> dict[str, Any]:
+    _progress("run " + " ".join([Path(argv[0]).name, *argv[1:]]))
     t0 = time.monotonic()
     try:
         r = emu.run(argv, cwd=str(cwd), capture_output=True, text=True, timeout=TIMEOUT)
@@ -91,11 +96,14 @@ def main(argv: list[str]) -> int:
     bindir = selftests_dir()
     private_dev()
     results: dict[str, Any] = {}
+    _progress(f"selftests from {bindir}; starting the emulator ({a.abi})")
     with SessionEmulator(a.abi, path="/dev/liveupdate") as emu:
+        _progress(f"emulator ready: transport {emu.transport}")
         for b in a.binaries:
             steps = []
             if b in TWO_STAGE:
                 steps.append(_run(emu, [str(bindir / b), "-s", "1"], bindir))
+                _progress("cusedev kexec")
                 k = emu.kexec()
                 steps.append({"argv": ["cusedev", "kexec"], "rc": 0, "update_count": k.get("update_count")})
                 steps.append(_run(emu, [str(bindir / b), "-s", "2"], bindir))
