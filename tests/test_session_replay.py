@@ -10,6 +10,8 @@ goes through real open()/ioctl() on the FUSE file (CUSE in the VM).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -100,3 +102,91 @@ def test_returned_fds_need_cusedev_run(recorded: Path, transport_name: str) -> N
     assert p.returncode == 1
     assert "LIVEUPDATE_IOCTL_CREATE_SESSION on device: DIVERGED: errno: recorded 0, got EOPNOTSUPP" in p.stdout
     assert "cusedev run -- cusedev trace replay" in p.stdout
+
+
+CLIENT = r"""
+import ctypes, os, sys
+from cusedev.profiles.session.client import SessionDevice
+d = SessionDevice(sys.argv[2])
+if sys.argv[1] == "1":
+    s = d.create_session("vm0")
+    m = os.memfd_create("ram")
+    os.write(m, b"guest ram " * 50)
+    s.preserve(m, 7)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(169, 0xFEE1DEAD, 672274793, 0x45584543, None)  # reboot(LINUX_REBOOT_CMD_KEXEC)
+else:
+    s = d.retrieve_session("vm0")
+    fd = s.retrieve(7)
+    assert os.pread(fd, 10, 0) == b"guest ram ", "retrieved contents"
+    s.finish()
+"""
+
+
+def test_a_trace_across_a_kexec_replays_in_two_stages(public_dir: Path, transport_name: str, tmp_path: Path) -> None:
+    """Stage 1 (create, preserve, reboot) and stage 2 (retrieve, finish) recorded as two runs, as a VMM's two
+    instances are, joined into one trace; replayed up to the kexec, the emulator kexec'd, then the rest."""
+    recs: list[dict] = []
+    with ServerProc(str(public_dir / "rec"), transport_name, "--abi", "7.2", "--no-sysfs") as srv:
+        srv.start()
+        for stage in ("1", "2"):
+            out = tmp_path / f"stage{stage}.jsonl"
+            p = subprocess.run([*CLI, "trace", "record", "-o", str(out), "--device", srv.device, "--abi", "7.2", "--",
+                                *CLI, "run", "--device", srv.device, "--", sys.executable, "-c", CLIENT, stage,
+                                srv.device], capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0, p.stdout + p.stderr
+            part = list(read_records(str(out)))
+            if recs:  # the second run numbers its records and files from 1 again
+                part = part[1:]
+                for r in part:
+                    r["seq"] += len(recs)
+                    if "fh" in r:
+                        r["fh"] += 1000
+                    if (r.get("ret_fd") or {}).get("fh") is not None:
+                        r["ret_fd"]["fh"] += 1000
+            recs += part
+    assert [r.get("name", r["type"]) for r in recs if r["type"] in ("ioctl", "kexec")] == [
+        "LIVEUPDATE_IOCTL_CREATE_SESSION", "LIVEUPDATE_SESSION_PRESERVE_FD", "kexec",
+        "LIVEUPDATE_IOCTL_RETRIEVE_SESSION", "LIVEUPDATE_SESSION_RETRIEVE_FD", "LIVEUPDATE_SESSION_FINISH"]
+    trace = tmp_path / "both.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    trace.chmod(0o644)
+    changed = tmp_path / "changed.jsonl"  # what was preserved differs from what comes back
+    for r in recs:
+        if r.get("name") == "LIVEUPDATE_SESSION_PRESERVE_FD":
+            r["file"]["data"] = base64.b64encode(b"other ram " * 50).decode()
+            r["file"]["sha256"] = hashlib.sha256(b"other ram " * 50).hexdigest()
+    changed.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    changed.chmod(0o644)
+
+    with ServerProc(str(public_dir / "rep"), transport_name, "--abi", "7.2", "--no-sysfs") as srv:
+        srv.start()
+        first, second = _two_stages(srv.device, trace)
+        assert "replayed 3 records (0 injected faults skipped): 0 divergences" in first, first
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert second.stdout.endswith("replayed 4 records (0 injected faults skipped): 0 divergences\n"), second.stdout
+        assert "LIVEUPDATE_SESSION_RETRIEVE_FD on session 'vm0': ok" in second.stdout
+        # stage 2 of a trace saying the preserved file held other bytes: the retrieved contents are compared
+        first, second = _two_stages(srv.device, trace, changed)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "RETRIEVE_FD on session 'vm0': DIVERGED: retrieved contents" in second.stdout, second.stdout
+
+
+def _two_stages(device: str, trace: Path, rest: Path | None = None) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """Replay up to the kexec (under `cusedev run`, which the kexec ends), kexec, replay the rest (of ``rest``)."""
+    run = [*CLI, "run", "--device", device, "--", *CLI, "trace", "replay", "--device", device]
+    p1 = subprocess.Popen([*run, str(trace), "--stop-at-kexec"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p1.stdout is not None
+        out = ""
+        while "reached the kexec" not in out:
+            line = p1.stdout.readline()
+            assert line, out
+            out += line
+        subprocess.run([*CLI, "kexec", "--device", device], check=True, capture_output=True, timeout=60)
+        p1.wait(60)
+    finally:
+        if p1.poll() is None:
+            p1.kill()
+            p1.wait()
+    return out, subprocess.run([*run, str(rest or trace), "--after-kexec"], capture_output=True, text=True, timeout=120)

@@ -76,6 +76,9 @@ class SessionReplayer:
                 if fh is not None:
                     pids_of.setdefault(int(fh), set()).add(pid)
         self.close_after = {fh: max(last_of_pid[p] for p in pids) for fh, pids in pids_of.items()}
+        for r in records:  # what each (session, token) held, also for a replay that starts after the kexec
+            if r.get("cmd") == _PRESERVE and r.get("errno") == 0 and "file" in r and r.get("session"):
+                self.preserved[(str(r["session"]), int((r.get("in") or {}).get("token", 0)))] = r["file"]
         head = records[0] if records else {}
         # `serve --trace`: the emulator's own opens of its node are the session files it hands out, and
         # releases are recorded; `trace record`: neither, closes are inferred
@@ -393,21 +396,28 @@ def replay(records: list[dict[str, Any]], device: str, *, stop_at_kexec: bool = 
     elif after_kexec:
         start = kexecs[0] + 1
     rep = SessionReplayer(device, out, quiet, records)
+
+    def summary() -> None:
+        out.write(f"replayed {rep.replayed} records ({rep.skipped} injected faults skipped): "
+                  f"{rep.divergences} divergence{'s' if rep.divergences != 1 else ''}\n")
+        out.flush()
+
     try:
         for i in range(start, end):
             rep.step(i, records[i])
         if stop_at_kexec:
+            # said before the wait: under `cusedev run` the kexec ends this process, as a reboot would
+            summary()
             out.write("reached the kexec: holding the files open; kexec now (or interrupt to give up)\n")
             out.flush()
             sigs = {signal.SIGINT, signal.SIGTERM}
             old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
             try:
-                signal.sigwait(sigs)  # the kexec ends this process (`cusedev run`) or the user gives up
+                signal.sigwait(sigs)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
     finally:
         rep.close()
-    out.write(f"replayed {rep.replayed} records ({rep.skipped} injected faults skipped): "
-              f"{rep.divergences} divergence{'s' if rep.divergences != 1 else ''}\n")
-    out.flush()
+    if not stop_at_kexec:
+        summary()
     return 0 if rep.divergences == 0 else 1
