@@ -87,3 +87,37 @@ def test_guest_script_parses() -> None:
     script = REPO / "vm" / "guest-differential"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert script.stat().st_mode & 0o111
+
+
+def test_the_agreeing_subset_is_answered_alike_by_6_19_and_7_2(public_dir: Path, transport_name: str,
+                                                               tmp_path: Path) -> None:
+    """``--agree`` leaves out what spec section 12 lists as different; what is left, 6.19 and 7.2 emulators
+    answer call for call alike (so in the VM, 6.19 is judged by the 7.2 kernel on those calls).  Without
+    ``--agree`` the same seeds tell the profiles apart: the comparison can fail."""
+    traces: dict[tuple[str, bool], Path] = {}
+    for abi in ("7.2", "6.19"):
+        with ServerProc(str(public_dir / f"dev-{abi}"), transport_name, "--abi", abi, "--no-sysfs") as srv:
+            srv.start()
+            for agree in (True, False):
+                out = traces[abi, agree] = tmp_path / f"{abi}-{agree}.jsonl"
+                p = subprocess.run(
+                    [*CLI, "trace", "record", "-o", str(out), "--device", srv.device, "--abi", abi, "--",
+                     *CLI, "run", "--device", srv.device, "--", sys.executable, "-m", "cusedev.testing.differential",
+                     "exec", "--device", srv.device, "--seeds", "1-12", "--calls", "40", *(["--agree"] * agree)],
+                    capture_output=True, text=True, timeout=300)
+                assert p.returncode == 0, p.stdout + p.stderr
+    agreed = list(read_records(str(traces["7.2", True])))
+    assert not [r for r in agreed if r.get("name") == "LIVEUPDATE_SESSION_GET_NAME" and r.get("on") == "session"]
+    assert any(r.get("on") == "session" and r.get("errno") == 0 for r in agreed)
+
+    def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cusedev.testing.differential", "compare", str(a), str(b)],
+                              capture_output=True, text=True, timeout=120)
+
+    c = compare(traces["7.2", True], traces["6.19", True])
+    assert c.returncode == 0, c.stdout
+    summary = c.stdout.splitlines()[-1]
+    assert summary.startswith("differential: 12 sequences, ") and "0 divergent sequences" in summary, summary
+    assert int(summary.split(", ")[1].split()[0]) >= 200, summary
+    c = compare(traces["7.2", False], traces["6.19", False])
+    assert c.returncode == 1 and "DIVERGED" in c.stdout, c.stdout

@@ -52,6 +52,10 @@ ALL = (C, R, P, F, G, N)
 #: numbers next to the real ones: out of a table, wrong type, wrong direction bits, a VFS-level one
 BOGUS_CMDS = (0xBA02, 0xBA3F, 0xBA44, 0xBAFF, 0xAB00, 0xC048BA00, 0x4048BA40, 0x541B)
 TOKENS = (0, 1, 2, 7, 0xFFFFFFFFFFFFFFFF, 0x1A)
+#: ``--agree``: the session commands 6.19 and 7.2 answer differently on a session fd (spec 12: no GET_NAME
+#: on 6.19; RETRIEVE_FD and FINISH on an outgoing session unguarded there); in that mode they go to the
+#: device only (EINVAL on both).  Also left out then: empty and unterminated names, a memfd preserved twice.
+AGREE_ON_DEVICE_ONLY = (F, G, N)
 
 
 class Memory:
@@ -84,9 +88,10 @@ def ioctl(fd: int, cmd: int, addr: int) -> tuple[int, int]:
 class Sequence_:
     """One seeded sequence, run in the current (child) process."""
 
-    def __init__(self, seed: int, calls: int, device: str):
+    def __init__(self, seed: int, calls: int, device: str, agree: bool = False):
         self.rng = random.Random(seed)
         self.seed, self.calls, self.device = seed, calls, device
+        self.agree = agree  # only calls that 6.19 and 7.2 answer alike (spec 12): see ``AGREE``
         self.mem = Memory()
         self.devs: list[int] = []
         self.sessions: list[int] = []
@@ -116,11 +121,11 @@ class Sequence_:
         if r < 0.15 and self.names:
             return self.rng.choice(self.names)  # EEXIST, or a retrieve of a known name
         if r < 0.22:
-            return b""
+            return b"" if not self.agree else b"e"  # 6.19 accepts an empty name, 7.2 refuses it
         if r < 0.29:
             return b"n" * 63
         if r < 0.34:
-            return b"X" * 64  # no NUL in 64 bytes
+            return b"X" * 64 if not self.agree else b"X" * 63  # no NUL in 64 bytes: 6.19 cuts it, 7.2 refuses
         if r < 0.40:
             return b"junk\0after-the-nul"
         self.counter += 1
@@ -143,8 +148,8 @@ class Sequence_:
             fd = self.memfd()
             self.files.append(fd)
             return fd
-        if r < 0.55 and self.files:
-            return self.pick(self.files)  # preserved again (EBUSY / EEXIST)
+        if r < 0.55 and self.files and not self.agree:
+            return self.pick(self.files)  # preserved again (EBUSY / EEXIST; 6.19 takes the same memfd twice)
         if r < 0.62:
             fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
             self.files.append(fd)
@@ -207,17 +212,23 @@ class Sequence_:
             target = self.pick(self.sessions) if rng.random() < .9 else self.pick(self.devs)
             self.call(target, P.cmd, self.struct(P, fd=self.some_fd(), token=rng.choice(TOKENS)), P)
         elif r < 0.46:  # RETRIEVE_FD: on an outgoing session, a kind mismatch
-            self.files.append(self.call(self.pick(self.sessions), F.cmd, self.struct(F, token=rng.choice(TOKENS)), F))
+            self.files.append(self.call(self.pick(self.sessions if not self.agree else self.devs), F.cmd,
+                                        self.struct(F, token=rng.choice(TOKENS)), F))
         elif r < 0.51:  # FINISH
-            self.call(self.pick(self.sessions), G.cmd, self.struct(G, reserved=rng.choice((0, 0, 1))), G)
+            self.call(self.pick(self.sessions if not self.agree else self.devs), G.cmd,
+                      self.struct(G, reserved=rng.choice((0, 0, 1))), G)
         elif r < 0.58:  # GET_NAME
             buf = self.struct(N, reserved=rng.choice((0, 0, 0, 5)), name=rng.randbytes(64) if rng.random() < .3
                               else b"")
-            self.call(self.pick(self.sessions) if rng.random() < .9 else self.pick(self.devs), N.cmd, buf, N)
+            on_session = rng.random() < .9 and not self.agree  # 6.19 has no GET_NAME: only a device's EINVAL
+            self.call(self.pick(self.sessions) if on_session else self.pick(self.devs), N.cmd, buf, N)
         elif r < 0.74:  # malformed: any command, any file, wrong sizes, tails, pointers; unknown numbers
             c = rng.choice(ALL)
             cmd = c.cmd if rng.random() < 0.75 else rng.choice(BOGUS_CMDS)
-            target = self.pick(rng.choice((self.devs, self.sessions)))
+            slots = rng.choice((self.devs, self.sessions))
+            if self.agree and c in AGREE_ON_DEVICE_ONLY and cmd == c.cmd:
+                slots = self.devs
+            target = self.pick(slots)
             fd = self.call(target, cmd, self.struct(c, name=self.name(), token=rng.choice(TOKENS)), c,
                            malformed=True)
             (self.sessions if c in (C, R) else self.files).append(fd)
@@ -263,7 +274,7 @@ class Sequence_:
                     for _lvl, _typ, data in anc:
                         fds.frombytes(data[:fds.itemsize])
                         use = fds[0]
-                if sub < 0.5:
+                if sub < 0.5 and not self.agree:
                     self.call(use, N.cmd, self.struct(N), N)
                 else:
                     m = self.memfd()
@@ -286,7 +297,7 @@ class Sequence_:
             self.step()
 
 
-def run_seed(seed: int, calls: int, device: str) -> int:
+def run_seed(seed: int, calls: int, device: str, agree: bool = False) -> int:
     """Run one sequence in a child named ``luo-seed-N``; its exit status."""
     sys.stdout.flush()
     pid = os.fork()
@@ -294,7 +305,7 @@ def run_seed(seed: int, calls: int, device: str) -> int:
         code = 0
         try:
             _prctl(PR_SET_NAME, f"{COMM_PREFIX}{seed}".encode()[:15], 0, 0, 0)
-            Sequence_(seed, calls, device).run()
+            Sequence_(seed, calls, device, agree).run()
         except BaseException as e:  # noqa: BLE001
             print(f"seed {seed}: {e!r}", file=sys.stderr, flush=True)
             code = 1
@@ -372,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="/dev/liveupdate")
     e.add_argument("--seeds", default="1-20")
     e.add_argument("--calls", type=int, default=40)
+    e.add_argument("--agree", action="store_true",
+                   help="only calls that profiles 6.19 and 7.2 answer alike (spec section 12)")
     c = sub.add_parser("compare", help="diff two recorded runs sequence by sequence")
     c.add_argument("a")
     c.add_argument("b")
@@ -381,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     for seed in parse_seeds(args.seeds):
         print(f"seed {seed}", flush=True)
-        if run_seed(seed, args.calls, args.device) != 0:
+        if run_seed(seed, args.calls, args.device, args.agree) != 0:
             rc = 1
     return rc
 
