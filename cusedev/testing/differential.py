@@ -385,16 +385,20 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--calls", type=int, default=40)
     e.add_argument("--agree", action="store_true",
                    help="only calls that profiles 6.19 and 7.2 answer alike (spec section 12)")
+    e.add_argument("--agree-seeds", default="",
+                   help="more seeds, run after --seeds as with --agree (one traced process for both sets)")
     c = sub.add_parser("compare", help="diff two recorded runs sequence by sequence")
     c.add_argument("a")
     c.add_argument("b")
+    c.add_argument("--seeds", default="", help="compare only these sequences (default: every one in A or B)")
     args = ap.parse_args(argv)
     if args.what == "compare":
-        return compare(args.a, args.b)
+        return compare(args.a, args.b, parse_seeds(args.seeds) if args.seeds else None)
     rc = 0
-    for seed in parse_seeds(args.seeds):
-        print(f"seed {seed}", flush=True)
-        if run_seed(seed, args.calls, args.device, args.agree) != 0:
+    todo = [(s, args.agree) for s in parse_seeds(args.seeds)] + [(s, True) for s in parse_seeds(args.agree_seeds)]
+    for seed, agree in todo:
+        print(f"seed {seed}" + (" (agree)" if agree and not args.agree else ""), flush=True)
+        if run_seed(seed, args.calls, args.device, agree) != 0:
             rc = 1
     return rc
 
