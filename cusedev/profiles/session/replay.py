@@ -67,12 +67,21 @@ class SessionReplayer:
         # a file dies with the last process that used it: its close is due after that process's last record
         last_of_pid: dict[int, int] = {}
         pids_of: dict[int, set[int]] = {}
+        newest: dict[str, int] = {}  # session name -> fh of its newest session file
         for i, r in enumerate(records):
             if "pid" not in r:
                 continue
             pid = int(r["pid"])
             last_of_pid[pid] = i
-            for fh in (r.get("fh"), (r.get("ret_fd") or {}).get("fh")):
+            ret = r.get("ret_fd") or {}
+            if ret.get("fh") is not None and ret.get("kind") == "session":
+                newest[str(ret.get("name"))] = int(ret["fh"])
+            fhs = [r.get("fh"), ret.get("fh")]
+            if r.get("on") == "session" and r.get("session") is not None:
+                # a file another process got (fork, SCM_RIGHTS) may carry an fh of its own: it keeps the
+                # session's file alive as long as that process runs
+                fhs.append(newest.get(str(r["session"])))
+            for fh in fhs:
                 if fh is not None:
                     pids_of.setdefault(int(fh), set()).add(pid)
         self.close_after = {fh: max(last_of_pid[p] for p in pids) for fh, pids in pids_of.items()}
