@@ -51,6 +51,8 @@ class Runtime:
         )
         self.supervisors: list[Supervisor] = []
         self._waiters: set[asyncio.Future[None]] = set()
+        #: the node's stat, taken once off the loop by the first trapped call (``_is_device``)
+        self._node_stat: os.stat_result | None = None
 
     async def start(self) -> None:
         await self.control.start()
@@ -163,9 +165,14 @@ class Runtime:
 
     def _is_device(self, fd: int) -> bool:
         """Whether ``fd`` is an open file of this emulator's node (the filter cannot tell fds apart).
-        Never on the loop's thread (see ``_on_ioctl``)."""
+
+        Never on the loop's thread (see ``_on_ioctl``).  The node's identity is
+        stat'ed once and kept: the node lives as long as the server."""
         try:
-            st, ref = os.fstat(fd), os.stat(self.server.device_path)
+            st = os.fstat(fd)
+            ref = self._node_stat
+            if ref is None:
+                ref = self._node_stat = os.stat(self.server.device_path)
         except OSError:
             return False
         if stat.S_ISCHR(ref.st_mode):
@@ -181,6 +188,11 @@ class Runtime:
         installer bound to this notification), and the new fd is installed with
         SECCOMP_IOCTL_NOTIF_ADDFD.  Foreign fds go on to the kernel untouched.
         If the trapped task dies meanwhile, the call is cancelled.
+
+        The check that the fd is ours, the re-issue and the close of our copy run
+        in one worker call (``fdpass.reissue_and_close``): each is off the loop
+        (a stat or close of our own node may need a reply only the loop sends),
+        and one hand-off instead of three is most of a trapped call's saving.
         """
         fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
         try:
@@ -189,22 +201,20 @@ class Runtime:
             n.continue_()
             return
         try:
-            # off the loop: a stat of the FUSE file may be a GETATTR request, which only the loop answers
-            if not await asyncio.get_running_loop().run_in_executor(None, self._is_device, dup):
-                n.continue_()
-                return
             call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
-            work = asyncio.ensure_future(self.device.run_trapped(dup, n.args[1], call))
-            while not work.done():
-                await asyncio.wait([work], timeout=TRAPPED_POLL)
-                if not work.done() and not n.valid():
-                    call.cancel()  # the caller died: its reply is EINTR, read by nobody
-            err = work.result()
-        finally:
-            # off the loop too: if the caller died, ours is the last reference, and closing a CUSE
-            # file's last reference waits for a RELEASE reply that only the loop sends
-            await asyncio.get_running_loop().run_in_executor(None, os.close, dup)
-        if n.valid():
+        except BaseException:
+            asyncio.get_running_loop().run_in_executor(None, os.close, dup)  # maybe a last reference
+            raise
+        # the worker owns ``dup`` from here: it closes it, even if this task is cancelled
+        work = asyncio.ensure_future(self.device.run_trapped(dup, n.args[1], call, self._is_device))
+        while not work.done():
+            await asyncio.wait([work], timeout=TRAPPED_POLL)
+            if not work.done() and not n.valid():
+                call.cancel()  # the caller died: its reply is EINTR, read by nobody
+        err = work.result()
+        if err is None:  # not our node
+            n.continue_()
+        elif n.valid():
             n.reply(error=err) if err else n.reply(0)
         else:
             n.answered = True

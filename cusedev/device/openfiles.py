@@ -276,12 +276,19 @@ class EmulatedDevice:
             return False
 
     # -- `cusedev run` ---------------------------------------------------------------------------
-    async def run_trapped(self, fd: int, cmd: int, t: TrappedCall) -> int:
+    async def run_trapped(self, fd: int, cmd: int, t: TrappedCall,
+                          ours: Callable[[int], bool] | None = None) -> int | None:
         """Re-issue trapped call ``t`` on ``fd`` (our copy of the caller's fd) from a worker thread;
-        returns 0 or the errno.  Called on the loop thread: ``t`` is registered only meanwhile."""
+        returns 0 or the errno.  Called on the loop thread: ``t`` is registered only meanwhile.
+
+        With ``ours`` the same worker first checks that ``fd`` is a file of our node (None if
+        not) and closes ``fd`` afterwards, either way (``fdpass.reissue_and_close``)."""
         self.trapped[t.cookie] = t
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, fdpass.reissue, fd, cmd, t.cookie)
+            loop = asyncio.get_running_loop()
+            if ours is None:
+                return await loop.run_in_executor(None, fdpass.reissue, fd, cmd, t.cookie)
+            return await loop.run_in_executor(None, fdpass.reissue_and_close, fd, cmd, t.cookie, ours)
         finally:
             del self.trapped[t.cookie]
 
