@@ -8,20 +8,17 @@ ioctl results, and every start is an interpreter start in the VM.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from cusedev.testing.emulator import Emulator
 
 
 class SessionEmulator(Emulator):
-    def __init__(self, abi: str, path: str | None = None, **kwargs: object) -> None:
+    def __init__(self, abi: str, path: str | None = None, **kwargs: Any) -> None:
         transport = os.environ.get("CUSEDEV_TEST_TRANSPORT", "fuse").strip().lower() or "fuse"
         kwargs.setdefault("trace", False)
         kwargs.setdefault("sysfs", None)
-        super().__init__(path, transport, **kwargs)  # type: ignore[arg-type]
-        self.abi = abi
-
-    def _serve_args(self) -> list[str]:
-        return [*super()._serve_args(), "--abi", self.abi]
+        super().__init__(path, transport, abi=abi, **kwargs)
 
     def __enter__(self) -> SessionEmulator:
         self.start()
