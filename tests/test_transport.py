@@ -249,7 +249,6 @@ def test_taken_by_a_file(tmp_path: Path, transport_name: str, content: bytes | N
 def test_not_root(public_dir: Path, transport_name: str) -> None:
     """In a forked child (a non-root user may not even exec root's python): one line, exit 1."""
     import cusedev.control.server  # noqa: F401  (nobody cannot read root's stdlib: import before dropping)
-
     from cusedev.cli import main
 
     r, w = os.pipe()
