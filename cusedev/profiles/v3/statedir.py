@@ -8,18 +8,17 @@ counts as saved only once its copy is complete.  On restart the incoming set
 comes back restorable from those copies.  Outgoing files belonged to an
 opener whose handle died with the emulator, so they are dropped, exactly as
 close() would drop them; the global state is kept, as close() keeps it.
+The machinery is ``control.statedir``'s; this module is the v3 codec.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import os
-import threading
+from collections.abc import Iterable
 from typing import Any
 
+from ...control.statedir import StateDirBase, Unsaved
 from ...device.memfd import ShmemFile
 from .model import LiveUpdateCore, PreservedFile, State
 
@@ -27,34 +26,12 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def _copy(src: int, dst: int, size: int) -> None:
-    off = 0
-    while off < size:
-        n = os.sendfile(dst, src, off, min(size - off, 1 << 30))
-        if n == 0:
-            break
-        off += n
-
-
-class StateDir:
+class StateDir(StateDirBase):
     """Mirror of one core in a directory; ``attach`` loads what is there, then follows every change."""
 
     def __init__(self, path: str, core: LiveUpdateCore):
-        self.path = os.path.abspath(path)
-        self.files_dir = os.path.join(self.path, "files")
+        super().__init__(path, core.listeners)
         self.core = core
-        self.saved: dict[int, str] = {}  # id(PreservedFile) -> content file name, once complete
-        self.pending: set[int] = set()
-        self.lock = threading.Lock()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def attach(self) -> None:
-        os.makedirs(self.files_dir, mode=0o700, exist_ok=True)
-        with contextlib.suppress(RuntimeError):
-            self.loop = asyncio.get_running_loop()
-        self.load()
-        self.core.listeners.append(lambda old, new: self.save())
-        self.save()
 
     # -- writing ---------------------------------------------------------------------------------
     def _row(self, pf: PreservedFile) -> dict[str, Any]:
@@ -68,12 +45,17 @@ class StateDir:
             "content": self.saved.get(id(pf)),
         }
 
-    def save(self) -> None:
+    def carried(self) -> Iterable[object]:
+        return self.core.incoming.values()
+
+    def unsaved(self) -> Iterable[Unsaved]:
+        for pf in self.core.incoming.values():
+            if self.is_new(pf) and isinstance(pf.ops, ShmemFile):
+                yield pf, pf.token, pf.ops.fd, pf.ops.frozen_size or pf.ops.size
+
+    def document(self) -> dict[str, Any]:
         core = self.core
-        for pf in core.incoming.values():
-            if id(pf) not in self.saved and id(pf) not in self.pending and isinstance(pf.ops, ShmemFile):
-                self._save_content(pf)
-        doc = {
+        return {
             "format": FORMAT,
             "state": int(core.state),
             "kho_finalized": core.kho_finalized,
@@ -81,62 +63,11 @@ class StateDir:
             "outgoing": sorted(core.outgoing),
             "incoming": [self._row(pf) for pf in core.incoming.values()],
         }
-        with self.lock:
-            tmp = os.path.join(self.path, ".state.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, os.path.join(self.path, "state.json"))
-            self._prune()
-
-    def _prune(self) -> None:
-        keep = {self.saved.get(id(pf)) for pf in self.core.incoming.values()}
-        for name in os.listdir(self.files_dir):
-            if name not in keep and not name.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.files_dir, name))
-
-    def _save_content(self, pf: PreservedFile) -> None:
-        """Copy the bytes in the background from a private dup (the core may release its fd meanwhile)."""
-        assert isinstance(pf.ops, ShmemFile)
-        src = os.dup(pf.ops.fd)
-        size = pf.ops.frozen_size or pf.ops.size
-        name = f"{pf.token:016x}-{id(pf):x}.bin"
-        self.pending.add(id(pf))
-
-        def work() -> None:
-            tmp = os.path.join(self.files_dir, name + ".tmp")
-            try:
-                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    _copy(src, dst, size)
-                finally:
-                    os.close(dst)
-                with self.lock:
-                    os.replace(tmp, os.path.join(self.files_dir, name))
-                    self.saved[id(pf)] = name
-                    self.pending.discard(id(pf))
-            except OSError:
-                log.exception("saving preserved file %#x to %s failed", pf.token, self.path)
-                return
-            finally:
-                os.close(src)
-            if self.loop is not None:
-                self.loop.call_soon_threadsafe(self.save)
-
-        threading.Thread(target=work, name=f"statedir-{pf.token:x}", daemon=True).start()
-
-    def flush(self, timeout: float = 60.0) -> None:
-        """Wait for background copies (tests, and a clean shutdown)."""
-        for t in threading.enumerate():
-            if t.name.startswith("statedir-"):
-                t.join(timeout)
 
     # -- reading ---------------------------------------------------------------------------------
     def load(self) -> None:
-        try:
-            with open(os.path.join(self.path, "state.json")) as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+        doc = self.read_document()
+        if doc is None:
             return
         if doc.get("format") != FORMAT:
             raise ValueError(f"{self.path}: unknown state format {doc.get('format')!r}")
@@ -149,12 +80,7 @@ class StateDir:
             if not row.get("content"):
                 lost += 1
                 continue
-            fd = os.memfd_create(f"luo:{row['token']:x}", os.MFD_CLOEXEC)
-            src = os.open(os.path.join(self.files_dir, row["content"]), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _copy(src, fd, os.fstat(src).st_size)
-            finally:
-                os.close(src)
+            fd = self.restore_content(row["content"], f"luo:{row['token']:x}", os.MFD_CLOEXEC)
             ops = ShmemFile(fd)
             ops.pos, ops.frozen_size = row["pos"], row["size"]
             pf = PreservedFile(row["token"], ops, State(row["state"]), row["restored"])
