@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,10 +71,12 @@ class ServerProc:
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
-        self._stderr = b""
+        # a file, not a pipe: nobody drains a pipe while the test runs, and a server blocked writing
+        # its log would hang every client of the device (and the test with them)
+        self._log = tempfile.TemporaryFile()
 
     def start(self, timeout: float = READY_TIMEOUT, expect_ready: bool = True) -> ServerProc:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._log, env=self.env,
                                      cwd=str(REPO), preexec_fn=self.preexec_fn)
         if not expect_ready:
             return self
@@ -100,12 +103,9 @@ class ServerProc:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        """Everything the server wrote to stderr (only complete once it exited)."""
-        if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
-            self._stderr += self.proc.stderr.read()
-            self.proc.stderr.close()
-            self.proc.stderr = None
-        return self._stderr.decode(errors="replace")
+        """Everything the server wrote to stderr so far (all of it once it exited)."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = EXIT_TIMEOUT) -> int:
         """Signal the server and wait; returns its exit code."""
