@@ -24,7 +24,6 @@ file's contents against what was preserved).
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import errno
 import os
@@ -33,12 +32,10 @@ import sys
 from typing import Any, TextIO
 
 from ...libc import function
-from ...tracing.replay import ReplayError
+from ...tracing.replay import Region, ReplayError, file_digest, place_argument, standin_digest, standin_memfd
 from ...tracing.show import errname
-from ..v3.replay import Region, _digest, _standin_digest, _unmapped_addr
 from . import uapi
 
-_MAX_BUF = 1 << 22
 _FD_OFFSET = {c.cmd: uapi.ffi.offsetof(c.ctype, "fd")
               for c in (uapi.CREATE_SESSION, uapi.RETRIEVE_SESSION, uapi.RETRIEVE_FD)}
 _PRESERVE = uapi.PRESERVE_FD.cmd
@@ -269,10 +266,7 @@ class SessionReplayer:
         if kind == "opath":
             fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
         elif kind == "shmem":
-            fd = os.memfd_create("cusedev-replay", os.MFD_CLOEXEC)
-            if "data" in info:
-                os.write(fd, base64.b64decode(info["data"]))
-            os.ftruncate(fd, int(info.get("size", 0)))
+            fd = standin_memfd(info)
         else:  # other, or a session/device the replay does not hold
             fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.standins[key] = fd
@@ -298,35 +292,19 @@ class SessionReplayer:
         if fd is None:
             self.diverge(rec, f"no open file for fh {rec.get('fh')} ({rec.get('on')} {rec.get('session', '')!s})")
             return
-        cmd, arg = int(rec.get("cmd", 0)), int(rec.get("arg", 0))
+        cmd = int(rec.get("cmd", 0))
         want = int(rec.get("errno", 0) or 0)
         data = bytearray(bytes.fromhex(rec.get("in_hex", "")))
-        size = rec.get("size")
         if cmd == _PRESERVE and len(data) >= _PRESERVE_FD_AT + 4 and "file" in rec:
             at = _PRESERVE_FD_AT
             given = self.standin(rec["file"], int.from_bytes(data[at:at + 4], sys.byteorder, signed=True),
                                  want)
             data[at:at + 4] = given.to_bytes(4, sys.byteorder, signed=True)
         region: Region | None = None
+        c = uapi.BY_CMD.get(cmd)
         try:
-            if arg == 0:
-                addr = 0
-            elif "in_hex" not in rec and "size" not in rec:
-                addr = _unmapped_addr() if want == errno.EFAULT else (region := Region(bytes(80))).addr
-            elif want == errno.EFAULT and "out_hex" in rec:
-                addr = (region := Region(bytes(data), "readonly")).addr
-            elif want == errno.EFAULT:
-                addr = (region := Region(bytes(data), "edge")).addr
-            else:
-                total = len(data)
-                if isinstance(size, int) and len(data) < size <= _MAX_BUF:
-                    total = size
-                buf = bytearray(data) + bytes(total - len(data))
-                tail = rec.get("tail") or ({"offset": 0} if want == errno.E2BIG else {})  # `trace record`: no tail
-                c = uapi.BY_CMD.get(cmd)
-                if "offset" in tail and c is not None and c.size + tail["offset"] < len(buf):
-                    buf[c.size + tail["offset"]] = tail.get("byte", 1) or 1
-                addr = (region := Region(bytes(buf))).addr
+            addr, region = place_argument(rec, data, want, blank=80, op_size=None if c is None else c.size,
+                                          tail=rec.get("tail") or ({"offset": 0} if want == errno.E2BIG else {}))
             got = _ioctl(fd, cmd, addr)
             if not self.check_errno(rec, got):
                 return
@@ -379,11 +357,11 @@ class SessionReplayer:
         if not info or "sha256" not in info:
             return True
         try:
-            size, digest = os.fstat(fd).st_size, _digest(fd, info.get("digest_len"))
+            size, digest = os.fstat(fd).st_size, file_digest(fd, info.get("digest_len"))
         except OSError as e:
             self.diverge(rec, f"retrieved fd {fd}: {e.strerror}")
             return False
-        want = _standin_digest(info)
+        want = standin_digest(info)
         if size != info.get("size") or digest != want:
             self.diverge(rec, f"retrieved contents: preserved {info.get('size')} bytes sha256 {want[:16]}…, "
                               f"got {size} bytes sha256 {digest[:16]}…")

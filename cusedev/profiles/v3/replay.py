@@ -16,94 +16,22 @@ goes through its control socket) or in two stages against a kernel:
 
 from __future__ import annotations
 
-import base64
-import ctypes
 import errno
-import hashlib
-import mmap
 import os
 import signal
 import sys
 import time
 from typing import Any, TextIO
 
-from ...libc import function
-from ...tracing.replay import ReplayError
+from ...tracing.replay import Region, ReplayError, file_digest, place_argument, standin_digest, standin_memfd
 from ...tracing.show import errname
 from . import uapi
 from .client import LiveUpdateDevice
 
-PAGE = mmap.PAGESIZE
-_mmap = function("mmap", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long),
-                 ctypes.c_void_p)
-_munmap = function("munmap", (ctypes.c_void_p, ctypes.c_size_t))
-_mprotect = function("mprotect", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
-_MAX_BUF = 1 << 22
 _OP_SIZE = {cmd: io.size for cmd, io in uapi.LUO_IOCTLS.items()}
 _GS = uapi.LIVEUPDATE_IOCTL_GET_STATE
 _RESTORE = uapi.LIVEUPDATE_IOCTL_FD_RESTORE
 _PRESERVE = uapi.LIVEUPDATE_IOCTL_FD_PRESERVE
-
-
-class Region:
-    """``data`` placed in fresh pages: normally, right before an unmapped page, or read-only."""
-
-    def __init__(self, data: bytes, how: str = "normal"):
-        n = len(data)
-        pages = (n + PAGE - 1) // PAGE + 1
-        self.length = (pages + 1) * PAGE
-        base = _mmap(None, self.length, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap")
-        self.base = base
-        _munmap(base + pages * PAGE, PAGE)  # a hole after the data pages
-        self.length = pages * PAGE
-        self.addr = base + pages * PAGE - n if how in ("edge", "readonly") else base
-        ctypes.memmove(self.addr, data, n)
-        if how == "readonly":
-            _mprotect(base, self.length, 1)
-        self.n = n
-
-    def read(self, n: int) -> bytes:
-        return ctypes.string_at(self.addr, min(n, self.n))
-
-    def close(self) -> None:
-        _munmap(self.base, self.length)
-
-
-def _unmapped_addr() -> int:
-    p = _mmap(None, PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    _munmap(p, PAGE)
-    return p
-
-
-def _digest(fd: int, limit: int | None) -> str:
-    h = hashlib.sha256()
-    size = os.fstat(fd).st_size
-    end = size if limit is None else min(size, limit)
-    pos = 0
-    while pos < end:
-        chunk = os.pread(fd, min(1 << 20, end - pos), pos)
-        if not chunk:
-            break
-        h.update(chunk)
-        pos += len(chunk)
-    return h.hexdigest()
-
-
-def _standin_digest(info: dict[str, Any]) -> str:
-    """What a file restored from our stand-in must hash to: the recorded digest when the trace has
-    the contents, else that of the zeros the stand-in holds (the recorder keeps only a digest of
-    files over ``CONTENT_LIMIT``; the original bytes are not in the trace)."""
-    if "data" in info:
-        return str(info["sha256"])
-    size = int(info.get("size", 0))
-    left = size if info.get("digest_len") is None else min(size, int(info["digest_len"]))
-    h, zeros = hashlib.sha256(), memoryview(bytes(1 << 20))
-    while left > 0:
-        h.update(zeros[:min(left, len(zeros))])
-        left -= len(zeros)
-    return h.hexdigest()
 
 
 class Replayer:
@@ -252,10 +180,7 @@ class Replayer:
         elif kind == "other":
             fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         else:
-            fd = os.memfd_create("cusedev-replay", os.MFD_CLOEXEC)
-            if "data" in info:
-                os.write(fd, base64.b64decode(info["data"]))
-            os.ftruncate(fd, int(info.get("size", 0)))
+            fd = standin_memfd(info)
         self.standins[key] = fd
         return fd
 
@@ -266,35 +191,16 @@ class Replayer:
             self.ok(rec, f"skipped (fault injected by {inj.get('rule')!r})")
             return
         cmd = int(rec.get("cmd", 0))
-        arg = int(rec.get("arg", 0))
         want = int(rec.get("errno", 0))
         data = bytearray(bytes.fromhex(rec.get("in_hex", "")))
-        size = rec.get("size")
         region: Region | None = None
         if cmd == _PRESERVE and len(data) >= 8 and "file" in rec:
             recorded_fd = int.from_bytes(data[4:8], sys.byteorder, signed=True)
             fd = self.standin(rec["file"], recorded_fd)
             data[4:8] = fd.to_bytes(4, sys.byteorder, signed=True)
         try:
-            if arg == 0:
-                addr = 0
-            elif "in_hex" not in rec and "size" not in rec:
-                # nothing was read: either the size word was unreadable, or the command was never looked up
-                addr = _unmapped_addr() if want == errno.EFAULT else (region := Region(bytes(64))).addr
-            elif want == errno.EFAULT and "out_hex" in rec:
-                addr = (region := Region(bytes(data), "readonly")).addr
-            elif want == errno.EFAULT:
-                addr = (region := Region(bytes(data), "edge")).addr
-            else:
-                total = len(data)
-                if isinstance(size, int) and len(data) < size <= _MAX_BUF:
-                    total = size
-                buf = bytearray(data) + bytes(total - len(data))
-                tail = rec.get("tail") or {}
-                opsize = _OP_SIZE.get(cmd)
-                if "offset" in tail and opsize is not None and opsize + tail["offset"] < len(buf):
-                    buf[opsize + tail["offset"]] = tail.get("byte", 1) or 1
-                addr = (region := Region(bytes(buf))).addr
+            addr, region = place_argument(rec, data, want, blank=64, op_size=_OP_SIZE.get(cmd),
+                                          tail=rec.get("tail") or {})
             try:
                 self.handle(int(rec.get("fh", 0))).ioctl_raw(cmd, addr)
                 got = 0
@@ -341,11 +247,11 @@ class Replayer:
             return True
         try:
             size = os.fstat(fd).st_size
-            digest = _digest(fd, info.get("digest_len"))
+            digest = file_digest(fd, info.get("digest_len"))
         except OSError as e:
             self.diverge(rec, f"restored fd {fd}: {e.strerror}")
             return False
-        want = _standin_digest(info)
+        want = standin_digest(info)
         if size != info.get("size") or digest != want:
             what = "recorded" if "data" in info else "stand-in (contents not in the trace: zeros)"
             self.diverge(rec, f"restored contents: {what} {info.get('size')} bytes sha256 {want[:16]}…, "
