@@ -47,7 +47,7 @@ from .. import __version__, profiles
 from ..device import pidfd
 from ..device.dispatch import U32, op_for
 from ..libc import function
-from .record import FORMAT_VERSION, describe_file, errname, fields_of
+from .record import FORMAT_VERSION, describe_file, errname, fields_of, proc_ids
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +232,7 @@ class Recorder:
 
     def _record(self, kind: str, tid: int, fields: dict[str, Any]) -> None:
         self.seq += 1
-        pid, comm = tid, "?"
-        try:
-            pid = pidfd.tgid_of(tid)
-            with open(f"/proc/{tid}/comm", "rb") as f:
-                comm = f.read().strip().decode(errors="replace")
-        except OSError:
-            pass
+        pid, comm = proc_ids(tid)
         rec = {"type": kind, "seq": self.seq, "time": round(time.time(), 6), "mono_ns": time.monotonic_ns(),
                "pid": pid, "tid": tid, "comm": comm, **fields}
         if rec.get("errno"):

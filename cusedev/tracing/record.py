@@ -129,7 +129,8 @@ def decode(op: Op, data: bytes | bytearray, outputs: bool, enums: Enums = _no_en
     return out
 
 
-def _proc_ids(tid: int) -> tuple[int, str]:
+def proc_ids(tid: int) -> tuple[int, str]:
+    """The process (tgid) and command name of thread ``tid``; the tid and "?" once it is gone."""
     pid, comm = tid, "?"
     try:
         pid = pidfd.tgid_of(tid)
@@ -413,7 +414,7 @@ class Tracer(Interceptor):
         if ids is None:
             if len(self._procs) > 4096:
                 self._procs.clear()
-            pid, comm = _proc_ids(tid)
+            pid, comm = proc_ids(tid)
             ids = self._procs[tid] = (pid, comm, f'"pid":{pid},"tid":{tid},"comm":{_encode(comm)}')
         return ids
 
