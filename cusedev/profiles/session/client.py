@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import TypeVar
 
 from ...libc import libc
 from . import uapi
@@ -40,13 +41,15 @@ def _name(name: str | bytes) -> bytes:
     return raw.ljust(uapi.NAME_LENGTH, b"\0")[: uapi.NAME_LENGTH]
 
 
-class LuoSession:
-    """One session fd.  ``close()`` releases the session (the kernel's effect: see the module text)."""
+_F = TypeVar("_F", bound="_OwnedFd")
 
-    def __init__(self, fd: int):
-        self.fd = fd
 
-    def __enter__(self) -> LuoSession:
+class _OwnedFd:
+    """An fd this object owns: a context manager, closed once (what closing means is the subclass's)."""
+
+    fd: int
+
+    def __enter__(self: _F) -> _F:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -59,6 +62,13 @@ class LuoSession:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class LuoSession(_OwnedFd):
+    """One session fd.  ``close()`` releases the session (the kernel's effect: see the module text)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
 
     def preserve(self, fd: int, token: int) -> None:
         """PRESERVE_FD: hand the memfd ``fd`` to this outgoing session under ``token``."""
@@ -86,27 +96,13 @@ class LuoSession:
         return bytes(c.struct.unpack(buf)[2]).split(b"\0", 1)[0].decode()
 
 
-class SessionDevice:
-    """An open /dev/liveupdate speaking the session ABI."""
+class SessionDevice(_OwnedFd):
+    """An open /dev/liveupdate speaking the session ABI; closing it changes no session (they live on
+    through their fds)."""
 
     def __init__(self, path: str = "/dev/liveupdate", flags: int = os.O_RDWR):
         self.path = path
         self.fd = os.open(path, flags | os.O_CLOEXEC)
-
-    def __enter__(self) -> SessionDevice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        """Closing the device changes no session (they live on through their fds)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def _session_call(self, c: uapi.Command, name: str | bytes) -> LuoSession:
         buf = call(self.fd, c.cmd, bytearray(c.struct.pack(c.size, -1, _name(name))))
