@@ -28,6 +28,20 @@ class ReplayError(Exception):
     """The trace cannot be replayed here; the message is one line for the user."""
 
 
+def emulator_kexec(device: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """The kexec record ``rec`` done through the emulator's control socket (its reply); a kernel has
+    none, so a trace spanning a kexec replays against it in two stages."""
+    from ..control.channel import ControlError, request
+
+    try:
+        reply: dict[str, Any] = request(device, "kexec")
+    except ControlError as e:
+        raise ReplayError(f"record {rec.get('seq')} is a kexec and {device} has no emulator control "
+                          f"socket ({e}); against a kernel replay in two stages: --stop-at-kexec, kexec, "
+                          "then --after-kexec") from None
+    return reply
+
+
 PAGE = mmap.PAGESIZE
 MAX_BUF = 1 << 22  # the largest argument buffer a replay allocates for a recorded size
 _mmap = function("mmap", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long),

@@ -32,7 +32,15 @@ import sys
 from typing import Any, TextIO
 
 from ...libc import function
-from ...tracing.replay import Region, ReplayError, file_digest, place_argument, standin_digest, standin_memfd
+from ...tracing.replay import (
+    Region,
+    ReplayError,
+    emulator_kexec,
+    file_digest,
+    place_argument,
+    standin_digest,
+    standin_memfd,
+)
 from ...tracing.show import errname
 from . import uapi
 
@@ -215,14 +223,7 @@ class SessionReplayer:
                 os.close(fd)
 
     def do_kexec(self, rec: dict[str, Any]) -> None:
-        from ...control.channel import ControlError, request
-
-        try:
-            r = request(self.device, "kexec")
-        except ControlError as e:
-            raise ReplayError(f"record {rec.get('seq')} is a kexec and {self.device} has no emulator control "
-                              f"socket ({e}); against a kernel replay in two stages: --stop-at-kexec, kexec, "
-                              "then --after-kexec") from None
+        r = emulator_kexec(self.device, rec)
         if self.check_errno(rec, 0 if r.get("ok") else int(r.get("errno") or errno.EIO)):
             self.ok(rec)
 

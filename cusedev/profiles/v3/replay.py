@@ -23,7 +23,15 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ...tracing.replay import Region, ReplayError, file_digest, place_argument, standin_digest, standin_memfd
+from ...tracing.replay import (
+    Region,
+    ReplayError,
+    emulator_kexec,
+    file_digest,
+    place_argument,
+    standin_digest,
+    standin_memfd,
+)
 from ...tracing.show import errname
 from . import uapi
 from .client import LiveUpdateDevice
@@ -139,14 +147,7 @@ class Replayer:
             self.ok(rec, "ok")
 
     def do_kexec(self, rec: dict[str, Any]) -> None:
-        from ...control.channel import ControlError, request
-
-        try:
-            r = request(self.device, "kexec")
-        except ControlError as e:
-            raise ReplayError(f"record {rec.get('seq')} is a kexec and {self.device} has no emulator control "
-                              f"socket ({e}); against a kernel replay in two stages: --stop-at-kexec, kexec, "
-                              "then --after-kexec") from None
+        r = emulator_kexec(self.device, rec)
         err = 0 if r.get("ok") else int(r.get("errno") or errno.EIO)
         if not self.check_errno(rec, err):
             return
