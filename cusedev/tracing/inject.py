@@ -199,6 +199,8 @@ class Injector(Interceptor):
                     self._touch(call)  # a CUSE retry round must happen now, not after the sleep
                 self.commit(counted)
                 return self._delayed(call, proceed, rule)
+            if self.device.tracer is not None and not call.mem.direct:
+                self._touch(call)  # the struct's CUSE retry round first, so the trace can show it
             self.commit(counted)
             call.fail = rule.error
             return proceed(call)

@@ -261,16 +261,19 @@ _NOTHING_SEEN = Seen(None, -1)  # type: ignore[arg-type]  # an injected failure:
 
 def _injected_view(mem: CallerMemory, arg: int, table: Table, cmd: int) -> Seen:
     """What an injected failure's record shows of its struct: read for the record alone, so that
-    ``trace show`` decodes it like any other call.  Only where reading has no effect on the call
-    (direct memory); under CUSE retry iovecs a read would cost the caller another round trip."""
+    ``trace show`` decodes it like any other call.  Under CUSE retry iovecs only what the kernel
+    already delivered is read (the injector asks for the struct's round first while a trace is
+    recorded), never another round trip."""
     op = op_for(table, cmd)
-    if not mem.direct or not arg or op is None:
+    if not arg or op is None:
         return _NOTHING_SEEN
-    seen = Seen(mem, arg, True)
+    seen = Seen(mem, arg, mem.direct)
     try:
         size = U32.unpack(seen.read(arg, 4))[0]
         if size > 4:
             seen.read(arg, min(size, op.size))
+    except NeedRetry:
+        return _NOTHING_SEEN if not seen.data else seen
     except OSError:
         pass  # what could be read is kept
     return seen
