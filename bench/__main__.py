@@ -270,26 +270,34 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
     return out
 
 
+def _hold_and_kexec(argv: list[str], device: str, emu: Any, what: str) -> tuple[dict[str, Any], int, float]:
+    """Start a client that holds preserved state (its first stdout line is JSON), then time the kexec
+    over the control socket; returns (that line, the emulator's RSS while held, kexec seconds)."""
+    hold = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_raise_nofile)
+    assert hold.stdout is not None and hold.stdin is not None
+    line = hold.stdout.readline()
+    if not line:
+        hold.wait()
+        raise RuntimeError(f"{what}: {hold.stderr.read().decode() if hold.stderr else ''}")
+    held = json.loads(line)
+    rss_held = rss_kib(emu.pid)
+    t0 = time.perf_counter()
+    reply = control.request(device, "kexec")
+    kexec_s = time.perf_counter() - t0
+    if not reply.get("ok"):
+        raise RuntimeError(f"kexec failed: {reply}")
+    hold.stdin.close()
+    hold.wait()
+    return held, rss_held, kexec_s
+
+
 def kexec_restore(client: Path, transport: str, device: str, count: int, kib: int) -> dict[str, Any]:
     """Preserve ``count`` memfds of ``kib`` KiB, PREPARE, kexec (control socket), restore all under `cusedev run`."""
     with Emulator(device, transport) as emu:
         rss0 = rss_kib(emu.pid)
-        hold = subprocess.Popen([str(client), "hold", device, str(count), str(kib)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_raise_nofile)
-        assert hold.stdout is not None and hold.stdin is not None
-        line = hold.stdout.readline()
-        if not line:
-            hold.wait()
-            raise RuntimeError(f"hold: {hold.stderr.read().decode() if hold.stderr else ''}")
-        held = json.loads(line)
-        rss_prepared = rss_kib(emu.pid)
-        t0 = time.perf_counter()
-        reply = control.request(device, "kexec")
-        kexec_s = time.perf_counter() - t0
-        if not reply.get("ok"):
-            raise RuntimeError(f"kexec failed: {reply}")
-        hold.stdin.close()
-        hold.wait()
+        held, rss_prepared, kexec_s = _hold_and_kexec([str(client), "hold", device, str(count), str(kib)],
+                                                      device, emu, "hold")
         t0 = time.perf_counter()
         res = run_client(client, "restore", device, count,
                          wrap=[sys.executable, "-m", "cusedev.cli", "run", "--device", device, "--"])
@@ -309,23 +317,9 @@ def session_kexec(client: Path, transport: str, device: str, sessions: int, file
     run`.  Pages are allocated (fallocate) up to 1 GiB in all; beyond, the memfds are sized but sparse."""
     alloc = sessions * files * kib <= 1 << 20
     with Emulator(device, transport, extra=("--abi", SESSION_ABI)) as emu:
-        hold = subprocess.Popen([*cusedev_run(device), str(client), "hold", device, str(sessions), str(files),
-                                 str(kib), str(int(alloc))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, preexec_fn=_raise_nofile)
-        assert hold.stdout is not None and hold.stdin is not None
-        line = hold.stdout.readline()
-        if not line:
-            hold.wait()
-            raise RuntimeError(f"session hold: {hold.stderr.read().decode() if hold.stderr else ''}")
-        held = json.loads(line)
-        rss_held = rss_kib(emu.pid)
-        t0 = time.perf_counter()
-        reply = control.request(device, "kexec")
-        kexec_s = time.perf_counter() - t0
-        if not reply.get("ok"):
-            raise RuntimeError(f"kexec failed: {reply}")
-        hold.stdin.close()
-        hold.wait()
+        held, rss_held, kexec_s = _hold_and_kexec(
+            [*cusedev_run(device), str(client), "hold", device, str(sessions), str(files), str(kib),
+             str(int(alloc))], device, emu, "session hold")
         res = run_client(client, "restore", device, sessions, files, wrap=cusedev_run(device))
         if res["size"] != kib * 1024:
             raise RuntimeError(f"restored size {res['size']} != {kib * 1024}")
