@@ -62,6 +62,22 @@ def _need_run(file: Any, inst: Any, what: str) -> Any:
     return inst
 
 
+def _install(file: Any, caller: Any, inst: Any, fd: int) -> int:
+    """Install ``fd`` in the caller only if its struct can take the write-back.
+
+    The kernel copies the struct out before it installs the fd and drops the fd
+    when that faults (spec 3, write-back): a read-only struct gets EFAULT and no
+    descriptor.  ADDFD cannot be taken back, so the caller's size and fd words
+    are rewritten with their own bytes first; a fault there raises EFAULT here,
+    and the callers' error paths undo the rest as the kernel's do.
+    """
+    for t in getattr(file.device, "trapped", {}).values():
+        if t.caller is caller:
+            t.memory.write(t.arg, t.memory.read(t.arg, 8))
+            break
+    return int(inst.install(caller, fd))
+
+
 async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None]) -> Out:
     """Open our own node as a session file bound to ``s``, install it in the caller, close our copy.
 
@@ -75,7 +91,7 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
         undo()
         raise
     try:
-        newfd = inst.install(caller, ours)
+        newfd = _install(file, caller, inst, ours)
     finally:
         asyncio.get_running_loop().run_in_executor(None, os.close, ours)  # its release undoes the session
     return {"fd": newfd}
@@ -120,7 +136,7 @@ def retrieve_fd(file: Any, caller: Any, v: tuple) -> Out:
     inst = _need_run(file, inst, "RETRIEVE_FD")
     keep = m.rules.keep_seals
     got = m.retrieve_fd(s, token, lambda obj: obj.rebuild(keep))  # type: ignore[attr-defined]
-    return {"fd": inst.install(caller, got.fd)}  # type: ignore[attr-defined]
+    return {"fd": _install(file, caller, inst, got.fd)}  # type: ignore[attr-defined]
 
 
 def finish(file: Any, caller: Any, v: tuple) -> None:
