@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import resource
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterator
@@ -552,9 +553,42 @@ def preserve_the_device_or_a_session_fd_enoent(h: H) -> None:
 def reopen_through_proc(h: H) -> None:
     assert h.err_open(f"/proc/self/fd/{h.dev}") == errno.EBUSY  # type: ignore[attr-defined]
     s = h.create("reopen")
-    # The kernel: ENXIO (anon inode).  Here a session fd is an open file of the node, so a re-open is an
-    # open of the device: EBUSY while it is open (docs/session-abi.md, fidelity: a documented deviation).
-    assert h.err_open(f"/proc/self/fd/{s}") == errno.EBUSY  # type: ignore[attr-defined]
+    # The kernel's anon inode has no open: ENXIO.  The emulator's session fds live on their own node,
+    # which refuses every open but the emulator's own, whether the device is held or free.
+    assert h.err_open(f"/proc/self/fd/{s}") == errno.ENXIO  # type: ignore[attr-defined]
+    os.close(h.dev)
+    h.settle_closed()  # type: ignore[attr-defined]
+    assert h.err_open(f"/proc/self/fd/{s}") == errno.ENXIO  # type: ignore[attr-defined]
+    h.dev = os.open(h.path, os.O_RDWR | os.O_CLOEXEC)  # type: ignore[attr-defined]
+    assert h.err(h.dev, C.cmd, create_buf("reopen")) == errno.EEXIST  # nothing was lost
+    h.close(s)
+
+
+def _errno_of(fn: Callable[..., object], *args: object) -> int:
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+@case(real_only=True)
+def pread_pwrite_lseek(h: H) -> None:
+    """pread/pwrite: EINVAL on the device (no read/write), ESPIPE on a session fd (an anon inode has no
+    FMODE_PREAD); lseek ESPIPE on a session fd.  On CUSE the session node is a char device whose open
+    CUSE makes seekable whatever we reply: pread/pwrite answer as read/write (EINVAL) and lseek gives 0
+    (docs/session-abi.md, fidelity)."""
+    s = h.create("pread")
+    cuse = stat.S_ISCHR(os.fstat(s).st_mode)
+    for fd, want in ((h.dev, errno.EINVAL), (s, errno.EINVAL if cuse else errno.ESPIPE)):
+        assert _errno_of(os.pread, fd, 1, 0) == want, fd
+        assert _errno_of(os.pwrite, fd, b"x", 0) == want, fd
+        assert _errno_of(os.read, fd, 1) == errno.EINVAL, fd
+    assert _errno_of(os.lseek, s, 0, os.SEEK_SET) == (0 if cuse else errno.ESPIPE)
+    if new72(h):  # the session still answers
+        buf = gn_buf()
+        h.ioctl(s, G.cmd, buf)
+        assert bytes(buf[8:14]) == b"pread\0"
     h.close(s)
 
 
@@ -790,6 +824,11 @@ class SyscallHarness(H):
     def settle(self) -> None:
         """FUSE sends RELEASE after close() returns: one device round trip lets it be served first."""
         self.err(self.dev, 0xBA7F, None)
+
+    def settle_closed(self) -> None:
+        """``settle`` while the device is closed: a round trip on an fd of our own of the node."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        os.close(fd)
 
     def keep(self, fd: int) -> None:
         self.kept.append(fd)

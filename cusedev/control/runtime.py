@@ -51,8 +51,8 @@ class Runtime:
         )
         self.supervisors: list[Supervisor] = []
         self._waiters: set[asyncio.Future[None]] = set()
-        #: the node's stat, taken once off the loop by the first trapped call (``_is_device``)
-        self._node_stat: os.stat_result | None = None
+        #: the stat of each node (device, session), taken once off the loop by the first trapped call
+        self._node_stats: list[os.stat_result] | None = None
 
     async def start(self) -> None:
         await self.control.start()
@@ -81,6 +81,7 @@ class Runtime:
                 opener = d.opener_tid
         return {
             "device": self.server.device_path,
+            "session_node": self.server.session_node_path,
             "transport": self.server.transport_name,
             "abi": d.profile.name,
             "opener_pid": opener,
@@ -108,9 +109,9 @@ class Runtime:
         from ..run.holders import kill_run_holders
 
         try:
-            asyncio.get_running_loop().run_in_executor(None, kill_run_holders, self.server.device_path)
+            asyncio.get_running_loop().run_in_executor(None, kill_run_holders, *self.server.node_paths)
         except RuntimeError:  # no loop running (a synchronous caller): nothing to deadlock with
-            kill_run_holders(self.server.device_path)
+            kill_run_holders(*self.server.node_paths)
         log.info("kexec: %s, state=%s, update_count=%s", "live update" if live else "plain kexec",
                  result["state"], result["update_count"])
         return result
@@ -164,20 +165,25 @@ class Runtime:
         return {"ok": True}
 
     def _is_device(self, fd: int) -> bool:
-        """Whether ``fd`` is an open file of this emulator's node (the filter cannot tell fds apart).
+        """Whether ``fd`` is an open file of this emulator's nodes, device or session (the filter
+        cannot tell fds apart).
 
-        Never on the loop's thread (see ``_on_ioctl``).  The node's identity is
-        stat'ed once and kept: the node lives as long as the server."""
+        Never on the loop's thread (see ``_on_ioctl``).  The nodes' identities are
+        stat'ed once and kept: the nodes live as long as the server."""
         try:
             st = os.fstat(fd)
-            ref = self._node_stat
-            if ref is None:
-                ref = self._node_stat = os.stat(self.server.device_path)
+            refs = self._node_stats
+            if refs is None:
+                refs = self._node_stats = [os.stat(p) for p in self.server.node_paths]
         except OSError:
             return False
-        if stat.S_ISCHR(ref.st_mode):
-            return stat.S_ISCHR(st.st_mode) and st.st_rdev == ref.st_rdev
-        return (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino)
+        for ref in refs:
+            if stat.S_ISCHR(ref.st_mode):
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == ref.st_rdev:
+                    return True
+            elif (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino):
+                return True
+        return False
 
     async def _on_ioctl(self, n: Notification) -> None:
         """A trapped fd-returning ioctl of a `cusedev run` process: re-issue it on the caller's own open file.

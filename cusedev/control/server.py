@@ -109,6 +109,17 @@ class Server:
         return self.transport.name if self.transport else self.requested_transport
 
     @property
+    def session_node_path(self) -> str | None:
+        """The node of the files the profile makes (session fds), once started; None if it has none."""
+        return self.transport.session_node_path if self.transport is not None else None
+
+    @property
+    def node_paths(self) -> list[str]:
+        """Every node of this emulator: the device, then the session node if any."""
+        session = self.session_node_path
+        return [self.device_path] + ([session] if session else [])
+
+    @property
     def connection(self) -> Connection:
         """The device's FUSE connection (its ``closed`` future ends when the kernel drops us)."""
         assert self.transport is not None and self.transport.connection is not None, "not started"
@@ -137,25 +148,28 @@ class Server:
             except (OSError, ValueError) as e:
                 raise ServeError(f"--state-dir {self.state_dir}: {e}") from e
         name = choose_transport(self.requested_transport)
+        session = _makes_files(self.handler)
         if name == "cuse":
             from ..transport.cuse import CuseTransport
 
             self.transport = CuseTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
-                                           gid=self.gid, memory=self.memory)
+                                           gid=self.gid, memory=self.memory, session=session)
         else:
             if not os.path.exists("/dev/fuse"):
                 raise ServeError("/dev/fuse missing: FUSE is not usable")
             from ..transport.fusefile import FuseFileTransport
 
             self.transport = FuseFileTransport(self.device_path, self.handler, mode=self.mode, uid=self.uid,
-                                               gid=self.gid)
+                                               gid=self.gid, session=session)
         try:
             await self.transport.start()
         except TransportError as e:
             self.transport = None
             raise ServeError(str(e)) from e
         if hasattr(self.handler, "node_path"):
-            self.handler.node_path = self.device_path  # the profile's own opens (session files) go here
+            self.handler.node_path = self.device_path
+            # the profile's own opens (session files) go to the session node: ENXIO for anyone else
+            self.handler.session_node_path = self.transport.session_node_path  # type: ignore[attr-defined]
         log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
         if self.sysfs_mode is not None:
             try:
@@ -228,6 +242,13 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _makes_files(handler: DeviceHandler) -> bool:
+    """Whether ``handler``'s profile makes files of its own (kinds besides the device): they get a node."""
+    from ..device.openfiles import EmulatedDevice
+
+    return isinstance(handler, EmulatedDevice) and any(k != "device" for k in handler.kinds)
 
 
 def _remove_runtime_dirs(device_path: str) -> None:

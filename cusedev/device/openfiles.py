@@ -26,7 +26,7 @@ from . import fdpass, pidfd
 from .dispatch import dispatch
 from .fdpass import TrappedCall
 from .intercept import Call, Fault, Interceptor, chain
-from .seam import Caller, CallerMemory, FdInstaller, einval
+from .seam import DEVICE_NODE, Caller, CallerMemory, FdInstaller, einval
 
 if TYPE_CHECKING:
     from ..tracing.record import Tracer
@@ -69,6 +69,9 @@ class EmulatedDevice:
         self.holders: dict[str, OpenFile] = {}
         #: the path of the node, set by the server: the profile's own opens (``open_own``) use it
         self.node_path: str | None = None
+        #: the node of the files the profile makes, set by the server (None: they are opens of
+        #: ``node_path``).  Any open of it but our own gets ENXIO, as the kernel's anon inode does.
+        self.session_node_path: str | None = None
         #: installer for callers that are not trapped calls (None: EOPNOTSUPP outside `cusedev run`)
         self.installer: FdInstaller | None = None
         #: `cusedev run` calls in flight, by cookie (created and dropped on the loop thread)
@@ -131,10 +134,16 @@ class EmulatedDevice:
                 raise OSError(fault.errno, f"{errno.errorcode.get(fault.errno, fault.errno)} (injected)")
 
     # -- DeviceHandler ---------------------------------------------------------------------------
-    def open(self, caller: Caller, flags: int) -> int:
+    def open(self, caller: Caller, flags: int, node: str = DEVICE_NODE) -> int:
         kind_name, bound = "device", None
-        if self._own is not None and self._is_own(caller):
+        if node == DEVICE_NODE and self.session_node_path is not None:
+            pass  # a client's open of the device node: always the device kind (EBUSY when held)
+        elif self._own is not None and self._is_own(caller):
             (kind_name, bound), self._own = self._own, None
+        elif node != DEVICE_NODE:  # a client's re-open of a session fd through /proc
+            for m in self.chain:
+                m.opened(caller, flags, 0, errno.ENXIO)
+            raise fail(errno.ENXIO)
         kind = self.kinds[kind_name]
         if kind.exclusive and kind_name in self.holders:
             for m in self.chain:
@@ -263,7 +272,7 @@ class EmulatedDevice:
             self._own = (kind, bound)
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    None, os.open, self.node_path, os.O_RDWR | os.O_CLOEXEC)
+                    None, os.open, self.session_node_path or self.node_path, os.O_RDWR | os.O_CLOEXEC)
             finally:
                 self._own = None
 

@@ -65,11 +65,17 @@ class CallerMemory(Protocol):
         """Store ``data`` at ``addr`` (within the declared out range); EFAULT when unwritable."""
 
 
+#: the node a client opens (``/dev/liveupdate``)
+DEVICE_NODE = "device"
+#: the node of the files the profile makes (session fds): only the emulator's own opens succeed there
+SESSION_NODE = "session"
+
+
 class DeviceHandler(Protocol):
     """What a transport calls.  Errors are ``OSError`` with the errno to give the caller."""
 
-    def open(self, caller: Caller, flags: int) -> int:
-        """A new open file description; returns the handle id (fh)."""
+    def open(self, caller: Caller, flags: int, node: str = DEVICE_NODE) -> int:
+        """A new open file description of ``node`` (``DEVICE_NODE`` or ``SESSION_NODE``); returns its fh."""
 
     def release(self, fh: int) -> None:
         """The last reference to the description is gone (close or process death)."""

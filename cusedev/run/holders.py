@@ -34,7 +34,14 @@ def _is_run_process(pid: str) -> bool:
     return seccomp == 2 and not capbnd >> _CAP_SYS_BOOT & 1
 
 
-def _holds(pid: str, match: tuple[int, int], chr_dev: bool) -> bool:
+def _key(st: os.stat_result) -> tuple[bool, int, int]:
+    """A node's identity: a char device by number, a (FUSE) file by inode."""
+    if stat.S_ISCHR(st.st_mode):
+        return True, st.st_rdev, 0
+    return False, st.st_dev, st.st_ino
+
+
+def _holds(pid: str, match: set[tuple[bool, int, int]]) -> bool:
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -44,40 +51,40 @@ def _holds(pid: str, match: tuple[int, int], chr_dev: bool) -> bool:
             st = os.stat(f"/proc/{pid}/fd/{n}")
         except OSError:
             continue
-        if chr_dev:
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == match[0]:
-                return True
-        elif (st.st_dev, st.st_ino) == match:
+        if _key(st) in match:
             return True
     return False
 
 
-def run_holders(node: str) -> list[int]:
-    """Pids of `cusedev run` processes holding an fd of ``node`` (the emulator itself excluded)."""
-    try:
-        ref = os.stat(node)
-    except OSError:
+def run_holders(*nodes: str) -> list[int]:
+    """Pids of `cusedev run` processes holding an fd of any of ``nodes`` (device, session node; the
+    emulator itself excluded)."""
+    match = set()
+    for node in nodes:
+        try:
+            match.add(_key(os.stat(node)))
+        except OSError:
+            pass
+    if not match:
         return []
-    chr_dev = stat.S_ISCHR(ref.st_mode)
-    match = (ref.st_rdev, 0) if chr_dev else (ref.st_dev, ref.st_ino)
     me = str(os.getpid())
     out = []
     for pid in os.listdir("/proc"):
-        if pid.isdigit() and pid != me and _is_run_process(pid) and _holds(pid, match, chr_dev):
+        if pid.isdigit() and pid != me and _is_run_process(pid) and _holds(pid, match):
             out.append(int(pid))
     return out
 
 
-def kill_run_holders(node: str) -> list[int]:
-    """SIGKILL every run process holding ``node``.
+def kill_run_holders(*nodes: str) -> list[int]:
+    """SIGKILL every run process holding any of ``nodes``.
 
     Not waited for: a dying holder's close of a CUSE file waits for its RELEASE, which the caller's
     loop answers; and its releases need not come first (the files are revoked, the sessions carried).
     """
-    pids = run_holders(node)
+    pids = run_holders(*nodes)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     if pids:
-        log.info("kexec: killed %d process(es) of `cusedev run` still holding %s", len(pids), node)
+        log.info("kexec: killed %d process(es) of `cusedev run` still holding %s", len(pids), " and ".join(nodes))
     return pids

@@ -1,6 +1,6 @@
 """Front ends that put a ``DeviceHandler`` at a path: a CUSE char device, or a FUSE file.
 
-A transport has ``name``, ``device_path``, ``async start()`` (raises
+A transport has ``name``, ``device_path``, ``session_node_path``, ``async start()`` (raises
 ``TransportError`` with a one-line reason) and ``async stop()`` (idempotent,
 removes everything it created).  ``connection`` is its ``fuse.wire.Connection``.
 """
@@ -20,6 +20,8 @@ class Transport(Protocol):
     device_path: str
     #: the FUSE connection serving the node, once started
     connection: Connection | None
+    #: the node of the files the handler makes (session fds); None when it makes none
+    session_node_path: str | None
 
     async def start(self) -> None: ...
 

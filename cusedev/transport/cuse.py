@@ -25,6 +25,16 @@ Paths outside /dev: the kernel device gets a derived unique name
 (``cusedev-<escaped path>``) under /dev, and at the requested path we mknod a
 second node with the same numbers — a real char device, as clients expect —
 or, on a ``nodev`` filesystem, a symlink to the /dev node.
+
+The session node: when the handler makes files of its own (session fds), a
+second CUSE device on a second /dev/cuse connection, served by the same loop,
+named ``<devname>-session`` (/dev/liveupdate-session), root-only (0600, like
+the kernel's anon inode).  Only the emulator opens it; any other open (a
+client's re-open of a session fd through /proc) gets the handler's ENXIO.
+CUSE ignores FOPEN_NONSEEKABLE (``cuse_open`` never calls
+``fuse_finish_open``) and its llseek is ``noop_llseek``, so on this node
+pread/pwrite answer as read/write (EINVAL) and lseek returns 0, where the
+kernel's anon inode gives ESPIPE.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from typing import Any
 
 from .. import uapi
 from ..device.memory import CUSE_MAX_IOCTL_BYTES, ProcessVmMemory, RetryMemory
-from ..device.seam import CallerMemory, DeviceHandler, NeedRetry
+from ..device.seam import DEVICE_NODE, SESSION_NODE, CallerMemory, DeviceHandler, NeedRetry
 from ..fuse.wire import NO_REPLY, Connection, Request
 from . import TransportError
 from .devops import IOCTL_IN, DeviceOps
@@ -83,12 +93,32 @@ def devname_for(path: str) -> tuple[str, bool]:
     return "cusedev-" + path.strip("/").replace("_", "__").replace("/", "_"), False
 
 
+def session_devname(devname: str) -> str:
+    """The DEVNAME of the session node of the CUSE device ``devname``."""
+    return devname + "-session"
+
+
+def session_rdev_of(rdev: int) -> int | None:
+    """The device number of the session node beside the CUSE device ``rdev`` (None: no such node).
+
+    For observers that see the device only through another path (a bind
+    mount): the kernel names the device in sysfs, the session node's name follows."""
+    try:
+        kobj = os.path.basename(os.readlink(f"/sys/dev/char/{os.major(rdev)}:{os.minor(rdev)}"))
+        with open(f"/sys/class/cuse/{session_devname(kobj)}/dev") as f:
+            ma, mi = f.read().strip().split(":")
+    except (OSError, ValueError):
+        return None
+    return os.makedev(int(ma), int(mi))
+
+
 class CuseOps(DeviceOps):
     """Device requests over CUSE, plus CUSE_INIT and the ioctl retry protocol."""
 
-    def __init__(self, handler: DeviceHandler, devname: str, memory: str = "retry"):
+    def __init__(self, handler: DeviceHandler, devname: str, memory: str = "retry", node: str = DEVICE_NODE):
         super().__init__(handler)
         self.devname = devname
+        self.node = node
         self.use_retry = memory == "retry"
         self.connection: Connection | None = None
         self.initialized: asyncio.Future[None] | None = None
@@ -147,110 +177,68 @@ class CuseOps(DeviceOps):
             return parts
 
 
-class CuseTransport:
-    """Serve ``handler`` as the character device ``device_path`` through CUSE."""
+class CuseChannel:
+    """One CUSE device: a /dev/cuse connection, its kernel device and its /dev node."""
 
-    name = "cuse"
-
-    def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
-                 gid: int = 0, memory: str = "retry", node_timeout: float = 1.0):
-        self.device_path = os.path.abspath(device_path)
-        self.devname, self._kernel_node_is_path = devname_for(self.device_path)
+    def __init__(self, ops: CuseOps, *, mode: int, uid: int, gid: int, node_timeout: float):
+        self.ops = ops
+        self.devname = ops.devname
         self.dev_node = "/dev/" + self.devname
         self.sys_dir = "/sys/class/cuse/" + self.devname.replace("/", "!")
-        self.handler = handler
         self.mode, self.uid, self.gid = mode & 0o7777, uid, gid
-        self.ops = CuseOps(handler, self.devname, memory)
         self.node_timeout = node_timeout
         self.fd = -1
         self.connection: Connection | None = None
-        self._made: list[str] = []  # nodes/symlinks we created, removed on stop
+        self.devt = 0
+        self.made: list[str] = []  # nodes/symlinks we created, removed on stop
 
-    def _check_free(self) -> None:
+    def check_free(self, what: str) -> None:
         if os.path.exists(self.sys_dir):
-            raise TransportError(f"{self.device_path}: a CUSE device named {self.devname!r} already exists "
+            raise TransportError(f"{what}: a CUSE device named {self.devname!r} already exists "
                                  "(another emulator?)")
-        for p in (self.dev_node, self.device_path):  # the /dev node first: the symlink may point at it
-            if os.path.lexists(p) and not self._clear_stale(p):
-                raise TransportError(f"{p}: already exists")
-        parent = os.path.dirname(self.device_path)
-        if not os.path.isdir(parent):
-            raise TransportError(f"{self.device_path}: parent directory does not exist")
+        if os.path.lexists(self.dev_node) and not clear_stale(self.dev_node, self.dev_node):
+            raise TransportError(f"{self.dev_node}: already exists")
 
-    def _clear_stale(self, path: str) -> bool:
-        """Remove a node a killed emulator left at ``path``; True if it was stale and is gone.
-
-        Only ours can be stale: a char device whose number no registered device
-        owns any more (/sys/dev/char/MAJ:MIN gone — the kernel dropped the CUSE
-        device with the dead emulator's fd), or a symlink to our /dev node that
-        no longer resolves.  A live device (a real /dev/liveupdate!) is kept.
-        """
+    async def start(self, what: str) -> None:
+        """Register the device and wait for its /dev node (``what`` names it in errors)."""
+        loop = asyncio.get_running_loop()
         try:
-            st = os.lstat(path)
-            if stat.S_ISCHR(st.st_mode):
-                owner = f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                if os.path.lexists(owner):
-                    return False
-            elif stat.S_ISLNK(st.st_mode):
-                if os.readlink(path) != self.dev_node or os.path.exists(path):
-                    return False
-            else:
-                return False
-            os.unlink(path)
+            self.fd = os.open(CUSE_DEV, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            log.warning("%s: cannot check or remove a stale node: %s", path, e.strerror)
-            return False
-        log.warning("%s: removed a stale node left by an emulator that died", path)
-        return True
+            raise TransportError(f"{CUSE_DEV}: {e.strerror}") from e
+        self.connection = Connection(self.fd, self.ops, name=f"cuse:{self.devname}")
+        self.ops.connection = self.connection
+        self.ops.initialized = loop.create_future()
+        self.connection.start(loop)
+        assert self.connection.closed is not None
+        await asyncio.wait([self.ops.initialized, self.connection.closed], timeout=10,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not self.ops.initialized.done():
+            raise TransportError(f"{what}: no CUSE_INIT from the kernel")
+        await asyncio.sleep(0)  # let an immediate ENODEV (name refused) be read
+        if self.connection.closed.done() or not os.path.exists(self.sys_dir):
+            raise TransportError(f"{what}: the kernel refused device name {self.devname!r} "
+                                 "(already registered?)")
+        self.devt = os.makedev(*self._read_devt())
+        await self._wait_node()
 
     def _read_devt(self) -> tuple[int, int]:
         with open(os.path.join(self.sys_dir, "dev")) as f:
             ma, mi = f.read().strip().split(":")
         return int(ma), int(mi)
 
-    def _mknod(self, path: str, devt: int) -> None:
+    def mknod(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.mknod(path, stat.S_IFCHR | self.mode, devt)
-        self._made.append(path)
+        os.mknod(path, stat.S_IFCHR | self.mode, self.devt)
+        self.made.append(path)
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._check_free()
-        try:
-            self.fd = os.open(CUSE_DEV, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise TransportError(f"{CUSE_DEV}: {e.strerror}") from e
-        try:
-            self.connection = Connection(self.fd, self.ops, name=f"cuse:{self.devname}")
-            self.ops.connection = self.connection
-            self.ops.initialized = loop.create_future()
-            self.connection.start(loop)
-            assert self.connection.closed is not None
-            await asyncio.wait([self.ops.initialized, self.connection.closed], timeout=10,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not self.ops.initialized.done():
-                raise TransportError(f"{self.device_path}: no CUSE_INIT from the kernel")
-            await asyncio.sleep(0)  # let an immediate ENODEV (name refused) be read
-            if self.connection.closed.done() or not os.path.exists(self.sys_dir):
-                raise TransportError(f"{self.device_path}: the kernel refused device name {self.devname!r} "
-                                     "(already registered?)")
-            devt = os.makedev(*self._read_devt())
-            await self._wait_node(devt)
-            await self._udev_settle()
-            self._fix_node(self.dev_node)
-            if not self._kernel_node_is_path:
-                self._link_path(devt)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _wait_node(self, devt: int) -> None:
+    async def _wait_node(self) -> None:
         """devtmpfs or udev usually makes /dev/<name>; if neither does, mknod it ourselves."""
         deadline = asyncio.get_running_loop().time() + self.node_timeout
         while True:
             try:
                 st = os.stat(self.dev_node)
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == devt:
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == self.devt:
                     return
             except FileNotFoundError:
                 pass
@@ -260,10 +248,113 @@ class CuseTransport:
         log.info("%s did not appear; creating it", self.dev_node)
         if os.path.lexists(self.dev_node):
             raise TransportError(f"{self.dev_node}: exists but is not our device")
-        self._mknod(self.dev_node, devt)
+        self.mknod(self.dev_node)
+
+    def fix_node(self, path: str) -> None:
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        os.chmod(path, self.mode)
+
+    def stop(self) -> None:
+        """Close the channel (the kernel removes its device and devtmpfs node), then remove nodes we made."""
+        if self.connection is not None:
+            self.connection.stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        while self.made:
+            p = self.made.pop()
+            try:
+                os.unlink(p)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("remove %s: %s", p, e.strerror)
+
+
+def clear_stale(path: str, dev_node: str) -> bool:
+    """Remove a node a killed emulator left at ``path``; True if it was stale and is gone.
+
+    Only ours can be stale: a char device whose number no registered device
+    owns any more (/sys/dev/char/MAJ:MIN gone — the kernel dropped the CUSE
+    device with the dead emulator's fd), or a symlink to our /dev node
+    (``dev_node``) that no longer resolves.  A live device (a real
+    /dev/liveupdate!) is kept.
+    """
+    try:
+        st = os.lstat(path)
+        if stat.S_ISCHR(st.st_mode):
+            owner = f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            if os.path.lexists(owner):
+                return False
+        elif stat.S_ISLNK(st.st_mode):
+            if os.readlink(path) != dev_node or os.path.exists(path):
+                return False
+        else:
+            return False
+        os.unlink(path)
+    except OSError as e:
+        log.warning("%s: cannot check or remove a stale node: %s", path, e.strerror)
+        return False
+    log.warning("%s: removed a stale node left by an emulator that died", path)
+    return True
+
+
+class CuseTransport:
+    """Serve ``handler`` as the character device ``device_path`` through CUSE.
+
+    With ``session``, also the session node (``session_node_path``), on a
+    second connection served by the same loop."""
+
+    name = "cuse"
+
+    def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
+                 gid: int = 0, memory: str = "retry", node_timeout: float = 1.0, session: bool = False):
+        self.device_path = os.path.abspath(device_path)
+        self.devname, self._kernel_node_is_path = devname_for(self.device_path)
+        self.handler = handler
+        self.ops = CuseOps(handler, self.devname, memory)
+        self.device = CuseChannel(self.ops, mode=mode, uid=uid, gid=gid, node_timeout=node_timeout)
+        self.dev_node, self.sys_dir = self.device.dev_node, self.device.sys_dir
+        self.session: CuseChannel | None = None
+        if session:
+            ops = CuseOps(handler, session_devname(self.devname), memory, SESSION_NODE)
+            self.session = CuseChannel(ops, mode=0o600, uid=0, gid=0, node_timeout=node_timeout)
+        #: the session node (None without ``session``): the handler's own opens of the files it makes
+        self.session_node_path = self.session.dev_node if self.session is not None else None
+        self.connection: Connection | None = None
+        self._made: list[str] = []  # the node or symlink at device_path, removed on stop
+
+    @property
+    def channels(self) -> list[CuseChannel]:
+        return [self.device] + ([self.session] if self.session is not None else [])
+
+    def _check_free(self) -> None:
+        for ch in self.channels:  # the /dev nodes first: the symlink may point at one
+            ch.check_free(self.device_path)
+        p = self.device_path
+        if os.path.lexists(p) and not clear_stale(p, self.dev_node):
+            raise TransportError(f"{p}: already exists")
+        parent = os.path.dirname(self.device_path)
+        if not os.path.isdir(parent):
+            raise TransportError(f"{self.device_path}: parent directory does not exist")
+
+    async def start(self) -> None:
+        self._check_free()
+        try:
+            await self.device.start(self.device_path)
+            self.connection = self.device.connection
+            if self.session is not None:
+                await self.session.start(self.session.dev_node)
+            await self._udev_settle()
+            for ch in self.channels:
+                ch.fix_node(ch.dev_node)
+            if not self._kernel_node_is_path:
+                self._link_path()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _udev_settle(self) -> None:
-        """If udev runs, let it finish with our ADD uevent first: its default rules would reset the mode."""
+        """If udev runs, let it finish with our ADD uevents first: its default rules would reset the mode."""
         if not os.path.exists("/run/udev/control"):
             return
         try:
@@ -273,26 +364,17 @@ class CuseTransport:
         except (OSError, asyncio.TimeoutError):
             pass
 
-    def _fix_node(self, path: str) -> None:
-        os.chown(path, self.uid, self.gid, follow_symlinks=False)
-        os.chmod(path, self.mode)
-
-    def _link_path(self, devt: int) -> None:
+    def _link_path(self) -> None:
         parent = os.path.dirname(self.device_path)
         if os.statvfs(parent).f_flag & os.ST_NODEV:
             os.symlink(self.dev_node, self.device_path)
             self._made.append(self.device_path)
         else:
-            self._mknod(self.device_path, devt)
-            self._fix_node(self.device_path)
+            self.device.mknod(self.device_path)
+            self.device.fix_node(self.device_path)
 
     async def stop(self) -> None:
-        """Close the channel (the kernel removes its device), then remove nodes we made."""
-        if self.connection is not None:
-            self.connection.stop()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the channels (the kernel removes its devices), then remove nodes we made."""
         while self._made:
             p = self._made.pop()
             try:
@@ -300,3 +382,5 @@ class CuseTransport:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.warning("remove %s: %s", p, e.strerror)
+        for ch in reversed(self.channels):
+            ch.stop()

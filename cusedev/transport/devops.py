@@ -1,8 +1,10 @@
 """FUSE operations shared by the device transports: open/release/read/write/ioctl/poll → DeviceHandler.
 
 Both the FUSE-file and the CUSE device translate the same six requests the
-same way; they differ in nodes (FUSE file: a root dir and one file) and in
-how ioctl memory is reached (``memory_for``).
+same way; they differ in nodes (FUSE file: a root dir and two files; CUSE:
+one node per connection) and in how ioctl memory is reached (``memory_for``).
+Every open tells the handler which node it arrived on (``node_of``): the
+device node, or the session node that holds the files the profile makes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from .. import uapi
 from ..device.memory import ProcessVmMemory
-from ..device.seam import Caller, CallerMemory, DeviceHandler
+from ..device.seam import DEVICE_NODE, Caller, CallerMemory, DeviceHandler
 from ..fuse.wire import IN_HEADER, OUT_HEADER, Connection, Operations, Request
 
 OPEN_IN = uapi.codec("struct fuse_open_in")
@@ -44,8 +46,10 @@ def _enotty() -> OSError:
 class DeviceOps(Operations):
     """Requests on the device node, handed to a ``DeviceHandler``."""
 
-    #: FOPEN_* flags of every OPEN reply.
+    #: FOPEN_* flags of every OPEN reply (``open_flags_for`` may add per node).
     open_flags = 0
+    #: the node this connection's opens are of, unless ``node_of`` says otherwise
+    node = DEVICE_NODE
 
     def __init__(self, handler: DeviceHandler):
         self.handler = handler
@@ -69,8 +73,13 @@ class DeviceOps(Operations):
             pumps.remove(connection.serve_queued)
 
     # -- hooks -----------------------------------------------------------
-    def check_node(self, req: Request) -> None:
-        """Raise if ``req.nodeid`` is not the device node (FUSE file: EISDIR on the root)."""
+    def node_of(self, req: Request) -> str:
+        """The node an OPEN is of (``DEVICE_NODE``/``SESSION_NODE``); raise if none (FUSE file: the root)."""
+        return self.node
+
+    def open_flags_for(self, node: str) -> int:
+        """FOPEN_* flags of an OPEN reply on ``node``."""
+        return self.open_flags
 
     def memory_for(self, req: Request, cmd: int, arg: int, flags: int, in_data: memoryview,
                    in_size: int, out_size: int, fh: int) -> CallerMemory:
@@ -81,10 +90,12 @@ class DeviceOps(Operations):
 
     # -- requests --------------------------------------------------------
     def open(self, req: Request, body: memoryview) -> Any:
-        self.check_node(req)
+        node = self.node_of(req)
         flags = OPEN_IN.struct.unpack_from(body, 0)[0]
-        fh = self.handler.open(Caller(req.pid, req.uid, req.gid), flags)
-        return OPEN_OUT.struct.pack(fh, self.open_flags, 0)
+        caller = Caller(req.pid, req.uid, req.gid)
+        # a handler written before nodes existed still serves the device node
+        fh = self.handler.open(caller, flags) if node == DEVICE_NODE else self.handler.open(caller, flags, node)
+        return OPEN_OUT.struct.pack(fh, self.open_flags_for(node), 0)
 
     def release(self, req: Request, body: memoryview) -> Any:
         self.handler.release(RELEASE_IN.struct.unpack_from(body, 0)[0])

@@ -1,14 +1,19 @@
 """The FUSE-file fallback: the device as a regular file of a one-file FUSE mount, bind-mounted at the path.
 
 For hosts without CUSE.  We mount our own /dev/fuse connection on a private
-directory (/run/cusedev/<name>/mnt) serving a root directory with one file,
+directory (/run/cusedev/<name>/mnt) serving a root directory with the file
 ``device``, and bind-mount that file over the device path (an empty file we
-create if missing).  Clients open the path and get a FUSE regular file:
+create if missing).  Clients open the path and get a FUSE regular file.
+When the handler makes files of its own (session fds), the root also holds
+``session``, which only the emulator opens (any other open of it, a client's
+re-open through /proc, gets the handler's ENXIO); it is never bind-mounted.
 
 - GETATTR reports S_IFREG with the node's mode/uid/gid, never S_IFCHR (the
   kernel would then open the *real* device number).  ``default_permissions``
   makes the kernel enforce the mode, like a device node's.
-- OPEN replies FOPEN_DIRECT_IO so every read/write reaches us.
+- OPEN replies FOPEN_DIRECT_IO so every read/write reaches us; on the
+  session file also FOPEN_NONSEEKABLE, so pread/pwrite/lseek give ESPIPE there
+  as on the kernel's anon inode (the device keeps pread's EINVAL).
 - IOCTL arrives restricted (flags=0): for the LUO ``_IO`` commands in_size =
   out_size = 0 and ``arg`` is the caller's raw pointer, reached with
   process_vm_readv/writev.  Deviation for commands with _IOC_WRITE bits: the
@@ -36,7 +41,7 @@ from typing import Any
 
 from .. import uapi
 from ..control import paths
-from ..device.seam import DeviceHandler
+from ..device.seam import DEVICE_NODE, SESSION_NODE, DeviceHandler
 from ..fuse import mount as sysmount
 from ..fuse.wire import SETATTR_IN, Connection, Request, apply_setattr, pack_dirents
 from . import TransportError
@@ -54,6 +59,8 @@ DIRENT = uapi.codec("struct fuse_dirent")
 ROOT_ID = uapi.FUSE_ROOT_ID
 DEVICE_ID = 2
 DEVICE_NAME = "device"
+SESSION_ID = 3
+SESSION_NAME = "session"
 FSTYPE = "fuse.cusedev"
 # Attributes only change through our own SETATTR replies, so let the kernel cache them.
 _TTL = 86400
@@ -73,14 +80,17 @@ class Node:
 
 
 class FuseFileOps(DeviceOps):
-    """Root directory (nodeid 1) holding the device file (nodeid 2)."""
+    """Root directory (nodeid 1) holding the device file (nodeid 2) and maybe the session file (3)."""
 
     open_flags = uapi.FOPEN_DIRECT_IO | uapi.FOPEN_NOFLUSH  # no FLUSH round trip: the device has no ->flush
     init_flags = uapi.FUSE_ATOMIC_O_TRUNC
 
-    def __init__(self, handler: DeviceHandler, node: Node):
+    def __init__(self, handler: DeviceHandler, node: Node, session: Node | None = None):
         super().__init__(handler)
-        self.node = node
+        #: the files by nodeid: (name, node kind, attributes)
+        self.files: dict[int, tuple[str, str, Node]] = {DEVICE_ID: (DEVICE_NAME, DEVICE_NODE, node)}
+        if session is not None:
+            self.files[SESSION_ID] = (SESSION_NAME, SESSION_NODE, session)
         self._root_time = int(time.time())
 
     def _attr(self, nodeid: int) -> dict[str, Any]:
@@ -88,34 +98,43 @@ class FuseFileOps(DeviceOps):
             t = self._root_time
             return {"attr.ino": ROOT_ID, "attr.mode": stat.S_IFDIR | 0o755, "attr.nlink": 2,
                     "attr.atime": t, "attr.mtime": t, "attr.ctime": t, "attr.blksize": 4096}
-        if nodeid == DEVICE_ID:
-            n = self.node
-            return {"attr.ino": DEVICE_ID, "attr.mode": stat.S_IFREG | n.mode, "attr.nlink": 1,
-                    "attr.uid": n.uid, "attr.gid": n.gid, "attr.atime": n.atime, "attr.mtime": n.mtime,
-                    "attr.ctime": n.ctime, "attr.blksize": 4096}
-        raise OSError(errno.ENOENT, "no such node")
+        file = self.files.get(nodeid)
+        if file is None:
+            raise OSError(errno.ENOENT, "no such node")
+        n = file[2]
+        return {"attr.ino": nodeid, "attr.mode": stat.S_IFREG | n.mode, "attr.nlink": 1,
+                "attr.uid": n.uid, "attr.gid": n.gid, "attr.atime": n.atime, "attr.mtime": n.mtime,
+                "attr.ctime": n.ctime, "attr.blksize": 4096}
 
-    def check_node(self, req: Request) -> None:
-        if req.nodeid != DEVICE_ID:
+    def node_of(self, req: Request) -> str:
+        file = self.files.get(req.nodeid)
+        if file is None:
             raise OSError(errno.EISDIR, "is a directory")
+        return file[1]
+
+    def open_flags_for(self, node: str) -> int:
+        # the session file, like the kernel's anon inode, has no position: pread/pwrite/lseek ESPIPE
+        return self.open_flags | (uapi.FOPEN_NONSEEKABLE if node == SESSION_NODE else 0)
 
     # -- namespace ------------------------------------------------------
     def lookup(self, req: Request, body: memoryview) -> Any:
-        name = bytes(body).split(b"\0", 1)[0]
-        if req.nodeid != ROOT_ID or name != DEVICE_NAME.encode():
+        name = bytes(body).split(b"\0", 1)[0].decode(errors="replace")
+        nodeid = next((i for i, f in self.files.items() if f[0] == name), None)
+        if req.nodeid != ROOT_ID or nodeid is None:
             raise OSError(errno.ENOENT, "no such file")
-        return ENTRY_OUT.encode(nodeid=DEVICE_ID, entry_valid=_TTL, attr_valid=_TTL, **self._attr(DEVICE_ID))
+        return ENTRY_OUT.encode(nodeid=nodeid, entry_valid=_TTL, attr_valid=_TTL, **self._attr(nodeid))
 
     def getattr(self, req: Request, body: memoryview) -> Any:
         return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(req.nodeid))
 
     def setattr(self, req: Request, body: memoryview) -> Any:
-        if req.nodeid != DEVICE_ID:
+        file = self.files.get(req.nodeid)
+        if file is None:
             raise OSError(errno.EPERM, "read-only root")
         if SETATTR_IN.decode(body)["valid"] & uapi.FATTR_SIZE:
             raise OSError(errno.EINVAL, "cannot truncate a device")
-        apply_setattr(self.node, body)
-        return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(DEVICE_ID))
+        apply_setattr(file[2], body)
+        return ATTR_OUT.encode(attr_valid=_TTL, **self._attr(req.nodeid))
 
     def opendir(self, req: Request, body: memoryview) -> Any:
         if req.nodeid != ROOT_ID:
@@ -125,7 +144,7 @@ class FuseFileOps(DeviceOps):
     def readdir(self, req: Request, body: memoryview) -> Any:
         _fh, offset, size = READ_IN.struct.unpack_from(body, 0)[:3]
         entries = ((ROOT_ID, b".", stat.S_IFDIR), (ROOT_ID, b"..", stat.S_IFDIR),
-                   (DEVICE_ID, DEVICE_NAME.encode(), stat.S_IFREG))
+                   *((i, f[0].encode(), stat.S_IFREG) for i, f in self.files.items()))
         return pack_dirents(entries, offset, size)
 
     def releasedir(self, req: Request, body: memoryview) -> Any:
@@ -136,18 +155,24 @@ class FuseFileOps(DeviceOps):
 
 
 class FuseFileTransport:
-    """Serve ``handler`` as a FUSE regular file bind-mounted at ``device_path``."""
+    """Serve ``handler`` as a FUSE regular file bind-mounted at ``device_path``.
+
+    With ``session``, the same mount also serves the session file (root-only,
+    like the kernel's anon inode), at ``session_node_path`` under the private
+    mount directory."""
 
     name = "fuse"
 
     def __init__(self, device_path: str, handler: DeviceHandler, *, mode: int = 0o600, uid: int = 0,
-                 gid: int = 0, run_dir: str = paths.RUN_DIR):
+                 gid: int = 0, run_dir: str = paths.RUN_DIR, session: bool = False):
         self.device_path = os.path.abspath(device_path)
         self.handler = handler
         self.node = Node(mode, uid, gid)
-        self.ops = FuseFileOps(handler, self.node)
+        self.ops = FuseFileOps(handler, self.node, Node(0o600, 0, 0) if session else None)
         self.private_dir = paths.runtime_dir(self.device_path, run_dir)
         self.mnt = os.path.join(self.private_dir, "mnt")
+        #: the session file (None without ``session``): the handler's own opens of the files it makes
+        self.session_node_path = os.path.join(self.mnt, SESSION_NAME) if session else None
         self.fd = -1
         self.connection: Connection | None = None
         self._created_file = False
