@@ -27,6 +27,8 @@ MUST_BE_VM = [
     "test_crash.py::test_emulator_sigterm_sigint[ioctl-loop]",
     "test_trace.py::test_record_and_replay_every_ioctl",
     "test_load.py::test_threads_of_one_opener",
+    "test_session_errno.py::test_real_syscalls[7.2-dev_nr_out_of_range_einval]",
+    "test_session_errno_c.py::test_every_row_from_c",
 ]
 #: transport-independent, and costly under TCG: the host runs them once
 MUST_BE_HOST_ONLY = [
@@ -39,6 +41,9 @@ MUST_BE_HOST_ONLY = [
     "test_trace.py::test_replay_restores_under_cusedev_run",
     "test_crash.py::test_killed_during_restore_under_run",
     "test_load.py::test_tight_loop_with_sysfs_and_status",
+    "test_session_errno.py::test_model_harness",
+    "test_session_errno.py::test_real_syscalls[6.19-dev_nr_out_of_range_einval]",
+    "test_session_errno_c.py::test_row_list_is_the_clients",
 ]
 
 

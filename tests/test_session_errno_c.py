@@ -24,8 +24,6 @@ sys.path.insert(0, str(HERE))
 
 from session_emulator import SessionEmulator  # noqa: E402
 
-pytestmark = pytest.mark.vm
-
 _BOTH_1 = [
     "dev_nr_out_of_range_einval", "dev_size_unreadable_efault", "dev_cmd_mismatch_enotty",
     "dev_size_below_min_einval", "dev_tail_e2big_zero_tail_ok", "dev_struct_fault_efault",
@@ -81,6 +79,7 @@ def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("cerrno"))
 
 
+@pytest.mark.vm  # the C rows on real CUSE too (the VM phase)
 @pytest.mark.parametrize("abi", ["6.19", "7.2"])
 def test_every_row_from_c(abi: str, exe: Path) -> None:
     with SessionEmulator(abi) as emu:
