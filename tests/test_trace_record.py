@@ -38,6 +38,9 @@ s = dev.create_session("alpha")
 m = os.memfd_create("x"); os.write(m, b"hello")
 s.preserve(m, 7)
 assert s.name == "alpha"
+try: os.open(f"/proc/self/fd/{s.fd}", os.O_RDWR)     # a session fd has no open: ENXIO
+except OSError as e: assert e.errno == 6, e
+else: raise AssertionError("a session fd re-opened through /proc")
 for bad in ("alpha", ""):
     try: dev.create_session(bad)
     except OSError: pass
@@ -113,6 +116,8 @@ def test_the_same_run_recorded_both_ways_is_equal(emulator: ServerProc, tmp_path
     pres = ioctls[1]
     assert pres["on"] == "session" and pres["session"] == "alpha"
     assert pres["file"]["kind"] == "shmem" and pres["file"]["size"] == 5
+    reopen = [r for r in recs if r["type"] == "open" and r.get("errno")]
+    assert [(r["on"], r.get("session"), r["err"]) for r in reopen] == [("session", "alpha", "ENXIO")], reopen
     pids = {r["pid"] for r in ioctls}
     assert len(pids) >= 3, "the forked and the exec'ed children's calls are recorded"
     assert any(r["name"] == "LIVEUPDATE_SESSION_GET_NAME" and r["tid"] != r["pid"] for r in ioctls), "thread"

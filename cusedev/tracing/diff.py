@@ -84,20 +84,12 @@ def _outside_run(a: CallView, b: CallView) -> bool:
         a.key.get("cmd") == b.key.get("cmd") and a.key.get("cmd") in _FD_COMMANDS
 
 
-def _reopen_session(a: CallView, b: CallView) -> bool:
-    """A /proc/self/fd re-open of a session fd: the kernel's anon inode gives ENXIO; a FUSE file opens."""
-    return a.kind == b.kind == "open" and "session" in (a.key.get("on"), b.key.get("on")) and \
-        errno.ENXIO in (_errno_of(a), _errno_of(b))
-
-
 _FD_COMMANDS = frozenset({0xBA00, 0xBA01, 0xBA41})
 
 #: the documented deviations (docs/session-abi.md, fidelity table; docs/traces.md)
 DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("fd-install-needs-run", "an emulator outside `cusedev run` cannot install fds (EOPNOTSUPP)",
               _outside_run),
-    Deviation("session-proc-reopen", "re-opening a session fd through /proc: ENXIO on the kernel's anon inode",
-              _reopen_session),
 )
 
 
@@ -198,8 +190,11 @@ def reduce(records: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], list[Call
             flags = int(r.get("flags", 0))
             if flags & O_PATH:
                 continue  # never reaches a driver
-            calls.append(CallView(seq, "open", {"flags": flags & _OPEN_MODE_BITS, "errno": int(r.get("errno", 0)),
-                                                "on": r.get("on", "device")}, r))
+            err = int(r.get("errno", 0))
+            # an emulator's own trace does not say which node an open was of; only its session node
+            # answers ENXIO (a /proc re-open of a session fd, as on the kernel's anon inode)
+            on = r.get("on", "session" if err == errno.ENXIO else "device")
+            calls.append(CallView(seq, "open", {"flags": flags & _OPEN_MODE_BITS, "errno": err, "on": on}, r))
         elif t == "ioctl":
             cmd = int(r.get("cmd", 0))
             if "on" in r:

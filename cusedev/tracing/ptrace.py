@@ -19,8 +19,9 @@ Which fd is what is decided from outside, through /proc: the device is any
 path that is the device node (the kernel's misc char device, an emulator's
 CUSE node or FUSE file), a session fd of the kernel reads
 ``anon_inode:[luo_session] NAME``; an emulator's session fd is an open of its
-node, told apart from a device fd by being the same open file (kcmp) as an fd
-that CREATE or RETRIEVE_SESSION returned.  Each open file gets an ``fh``
+session node (the CUSE device named after the device's, or the other file of
+its FUSE mount), matched by kcmp with the fd CREATE or RETRIEVE_SESSION
+returned for its name.  Each open file gets an ``fh``
 number, as in the emulator's own traces.
 """
 
@@ -169,6 +170,15 @@ class Recorder:
                 self.nodes.append(os.stat(d))
             except OSError:
                 pass
+        #: the rdevs of an emulator's CUSE session nodes (a FUSE file's is the other file of its mount)
+        self.session_rdevs: set[int] = set()
+        for st in self.nodes:
+            if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) != 10:
+                from ..transport.cuse import session_rdev_of
+
+                rdev = session_rdev_of(st.st_rdev)
+                if rdev is not None:
+                    self.session_rdevs.add(rdev)
         self.device_kind = "emulator"
         for st in self.nodes:
             if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 10:  # a misc device: the kernel's
@@ -241,13 +251,21 @@ class Recorder:
 
     # -- what an fd is ---------------------------------------------------------------------------------
     def _is_node(self, st: os.stat_result) -> bool:
+        return self._node_kind(st) is not None
+
+    def _node_kind(self, st: os.stat_result) -> str | None:
+        """"device" for the device node, "session" for an emulator's session node, else None."""
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev in self.session_rdevs:
+            return "session"
         for n in self.nodes:
             if stat.S_ISCHR(n.st_mode):
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == n.st_rdev:
-                    return True
+                    return "device"
             elif (st.st_dev, st.st_ino) == (n.st_dev, n.st_ino):
-                return True
-        return False
+                return "device"
+            elif st.st_dev == n.st_dev and stat.S_ISREG(st.st_mode):  # the FUSE mount holds only our files
+                return "session"
+        return None
 
     def _kcmp(self, pid1: int, pid2: int, fd1: int, fd2: int) -> int:
         nr = (_ARCHES[_HOST]["kcmp"] if _HOST else None) or 312
@@ -312,7 +330,8 @@ class Recorder:
             st = os.stat(base)
         except OSError:
             return None
-        if not self._is_node(st):
+        kind = self._node_kind(st)
+        if kind is None:
             return None
         f = self._known(pid, fd)
         if self.no_kcmp and self.device_kind != "kernel":
@@ -320,7 +339,7 @@ class Recorder:
             if f is None or f.on != on:
                 self.forget(pid, fd)
                 f = self._new(pid, fd, on, pname)
-        return f if f is not None else self._new(pid, fd, "device")
+        return f if f is not None else self._new(pid, fd, kind)
 
     def _probe(self, tid: int, fd: int) -> tuple[str, str | None]:
         """Without kcmp: ask the emulator through our own duplicate of the fd whether it is a session file
@@ -440,7 +459,8 @@ class Recorder:
             st = os.stat(path)
         except OSError:
             return None
-        return ("device", None) if self._is_node(st) else None
+        kind = self._node_kind(st)
+        return (kind, None) if kind is not None else None
 
     def on_exit(self, tid: int, rval: int, is_error: bool) -> None:
         p = self.pending.pop(tid, None)
