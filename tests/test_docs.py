@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 VMM_DEMO = "test:tests/test_lifecycle.py::test_vmm_demo_256mib"
+ERRNO_ROWS = "test:tests/test_session_errno_c.py::test_every_row_from_c"
 HOW: dict[str, str] = {
     "scripts/install && cusedev serve": "test:tests/test_newcomer_debian.py::test_readme_first_command_on_fresh_debian",
     "scripts/test-all": "flags:scripts/test-all",
@@ -53,6 +54,11 @@ HOW: dict[str, str] = {
     "cusedev serve &": VMM_DEMO,
     "cusedev run -- ./vmm_demo stage1": VMM_DEMO,
     "cusedev run -- ./vmm_demo stage2": VMM_DEMO,
+    "gcc -O2 -Wall -I cdefs -o session_errno tests/c/session_errno.c": ERRNO_ROWS,
+    "cusedev serve --abi 7.2 &": ERRNO_ROWS,
+    "cusedev run -- ./session_errno --abi 7.2 --stage 1": ERRNO_ROWS,
+    "cusedev kexec": ERRNO_ROWS,
+    "cusedev run -- ./session_errno --abi 7.2 --stage 2": ERRNO_ROWS,
     "cp examples/cusedev.service /etc/systemd/system/":
         "test:tests/test_newcomer_packaging.py::test_example_service_unit_verifies",
     "systemctl daemon-reload && systemctl enable --now cusedev.service":
