@@ -62,6 +62,8 @@ def format_status(st: Mapping[str, Any]) -> str:
         [
             f"device:       {st.get('device')} (transport {st.get('transport')}, abi {st.get('abi')}, "
             f"pid {st.get('emulator_pid')})",
+            *([f"session node: {st['session_node']} (session fds; other opens: ENXIO)"]
+              if st.get("session_node") else []),
             f"opener:       {'pid ' + str(opener) if opener else 'none'}",
             f"update_count: {st.get('update_count', 0)}",
             "outgoing sessions:",
