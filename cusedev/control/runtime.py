@@ -69,6 +69,7 @@ class Runtime:
         for w in list(self._waiters):
             w.cancel()
         await self.control.stop()
+        await self.device.close_spares()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -186,21 +187,31 @@ class Runtime:
         return False
 
     async def _on_ioctl(self, n: Notification) -> None:
-        """A trapped fd-returning ioctl of a `cusedev run` process: re-issue it on the caller's own open file.
+        """A trapped fd-returning ioctl of a `cusedev run` process, run on the caller's own open file.
 
-        The ioctl is repeated from a worker thread on a pidfd_getfd copy of the
-        caller's fd, so it reaches the very open file the caller has; it carries
-        the cookie of its ``TrappedCall`` (the real caller, its memory, an
-        installer bound to this notification), and the new fd is installed with
-        SECCOMP_IOCTL_NOTIF_ADDFD.  Foreign fds go on to the kernel untouched.
-        If the trapped task dies meanwhile, the call is cancelled.
+        Fast path, on the loop: the caller's fd carries the tag of one of our open
+        files (an OFD lock, ``fdpass.FileTags``), read from /proc/<tid>/fdinfo/<fd>
+        without a request to us; the call runs at once on that file
+        (``EmulatedDevice.run_tagged``) with a ``TrappedCall`` (the real caller, its
+        memory, an installer bound to this notification), and is answered.
 
-        The check that the fd is ours, the re-issue and the close of our copy run
-        in one worker call (``fdpass.reissue_and_close``): each is off the loop
-        (a stat or close of our own node may need a reply only the loop sends),
-        and one hand-off instead of three is most of a trapped call's saving.
+        Slow path, an untagged fd (a client's device fd the first time, or a
+        foreign fd): one worker call (``fdpass.reissue_and_close``) checks that a
+        pidfd_getfd copy of the fd is a file of our node (else the syscall goes on
+        to the kernel untouched), re-issues the ioctl on it with the call's cookie
+        so it reaches the caller's own open file through the kernel, tags that
+        file, and closes the copy (off the loop: a stat or close of our own node
+        may need a reply only the loop sends).  If the trapped task dies
+        meanwhile, the call is cancelled.
         """
         fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
+        fh = self.device.tags.lookup(f"/proc/{n.pid}/fdinfo/{fd}") if fd >= 0 else None
+        if fh is not None:
+            call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
+            res = self.device.run_tagged(fh, n.args[1], call)
+            err = res if isinstance(res, int) else await self._until_done(n, call, res)
+            n.reply(error=err) if err else n.reply(0)  # False (not sent) when the caller is gone
+            return
         try:
             dup = pidfd.getfd(n.pid, fd)
         except OSError:
@@ -213,17 +224,22 @@ class Runtime:
             raise
         # the worker owns ``dup`` from here: it closes it, even if this task is cancelled
         work = asyncio.ensure_future(self.device.run_trapped(dup, n.args[1], call, self._is_device))
-        while not work.done():
-            await asyncio.wait([work], timeout=TRAPPED_POLL)
-            if not work.done() and not n.valid():
-                call.cancel()  # the caller died: its reply is EINTR, read by nobody
-        err = work.result()
+        err = await self._until_done(n, call, work)
         if err is None:  # not our node
             n.continue_()
         elif n.valid():
             n.reply(error=err) if err else n.reply(0)
         else:
             n.answered = True
+
+    @staticmethod
+    async def _until_done(n: Notification, call: TrappedCall, work: asyncio.Future[Any]) -> Any:
+        """``work``'s result; meanwhile, if the trapped task dies, the call is cancelled."""
+        while not work.done():
+            await asyncio.wait([work], timeout=TRAPPED_POLL)
+            if not work.done() and not n.valid():
+                call.cancel()  # the caller died: its reply is EINTR, read by nobody
+        return work.result()
 
     async def _on_reboot(self, n: Notification) -> None:
         """reboot(LINUX_REBOOT_CMD_KEXEC) from a `cusedev run` process is the emulated kexec."""

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import itertools
 import os
 import resource
+import secrets
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -91,6 +94,8 @@ class TrappedCall:
     #: the device's work for it when a handler completes later (cancelled if the caller dies)
     task: asyncio.Future[Any] | None = None
     cancelled: bool = False
+    #: our open file the call reached (0: not yet): the re-issue path tags the caller's file with it
+    fh: int = 0
 
     def cancel(self) -> None:
         """The trapped task died: stop the work done for it (its reply is then EINTR, read by nobody)."""
@@ -106,7 +111,8 @@ def reissue(fd: int, cmd: int, cookie: int) -> int:
     return 0
 
 
-def reissue_and_close(fd: int, cmd: int, cookie: int, ours: Callable[[int], bool]) -> int | None:
+def reissue_and_close(fd: int, cmd: int, cookie: int, ours: Callable[[int], bool],
+                      after: Callable[[int], object] | None = None) -> int | None:
     """In one worker thread: check, re-issue and close our copy ``fd`` of the caller's fd.
 
     One hop instead of three: each hand-off to a worker costs about as much as
@@ -115,10 +121,94 @@ def reissue_and_close(fd: int, cmd: int, cookie: int, ours: Callable[[int], bool
     the loop, because it may be the last reference of a CUSE file, whose
     RELEASE only the loop answers; it comes before the reply so that a caller
     closing its fd right after sees the release at once, as with the kernel.
+    ``after(fd)`` runs between the re-issue and the close (the device tags the file).
     """
     try:
         if not ours(fd):
             return None
-        return reissue(fd, cmd, cookie)
+        err = reissue(fd, cmd, cookie)
+        if after is not None:
+            after(fd)
+        return err
     finally:
         os.close(fd)
+
+
+# -- tags: which open file of ours an fd is, without a request to the server --------------------------
+#: struct flock (x86_64): l_type, l_whence, l_start, l_len, l_pid
+_FLOCK = struct.Struct("hhqqi4x")
+_FH_BITS = 32
+
+
+class FileTags:
+    """Tag our open file descriptions with an OFD lock and recognise them from fdinfo.
+
+    An OFD lock belongs to the open file description, so every copy of an fd
+    (dup, fork, SCM_RIGHTS, pidfd_getfd) carries it, and ``/proc/<tid>/fdinfo/<fd>``
+    lists it (fs/locks.c ``show_fd_locks``: "lock:\t1: OFDLCK ADVISORY  READ -1
+    MAJ:MIN:INO START END").  Neither setting nor reading it sends a request to
+    our server (CUSE has no ->lock; our FUSE INIT leaves out FUSE_POSIX_LOCKS,
+    so the kernel keeps locks itself), so both are safe on the loop's thread.
+    One byte at ``instance << 32 | fh``: ``instance`` is random per emulator, so
+    a file of another emulator (or of this node before a restart) never passes
+    for ours, and the lock's inode must be one of the nodes we tagged.
+    """
+
+    def __init__(self) -> None:
+        self.instance = secrets.randbelow((1 << 30) - 1) + 1
+        #: b"MAJ:MIN:INO" of the nodes whose files we tagged (the fdinfo spelling of an inode)
+        self.nodes: set[bytes] = set()
+
+    def tag(self, fd: int, fh: int) -> bool:
+        """Lock one byte naming ``fh`` on ``fd``'s open file; False if it cannot carry a tag.
+
+        A file that already has locks of its own (the client's) is left alone: a lock
+        of the same owner over our byte would merge with or split around it."""
+        if not 0 < fh < 1 << _FH_BITS or self._locks(f"/proc/self/fdinfo/{fd}"):
+            return False
+        start = self.instance << _FH_BITS | fh
+        for kind in (fcntl.F_RDLCK, fcntl.F_WRLCK):  # RDLCK conflicts with fewer client locks
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
+                break
+            except OSError as e:
+                if e.errno != errno.EBADF:  # EBADF: not open for reading; EAGAIN: a client's lock
+                    return False
+        else:
+            return False
+        for node, first, last in self._locks(f"/proc/self/fdinfo/{fd}"):
+            if first == last == start:
+                self.nodes.add(node)
+                return True
+        return False
+
+    def lookup(self, path: str) -> int | None:
+        """The fh of ours that the fd at ``path`` (``/proc/<tid>/fdinfo/<fd>``) is tagged with, or None."""
+        for node, first, last in self._locks(path):
+            if first == last and first >> _FH_BITS == self.instance and node in self.nodes:
+                return first & ((1 << _FH_BITS) - 1)
+        return None
+
+    @staticmethod
+    def _locks(path: str) -> list[tuple[bytes, int, int]]:
+        """(inode, start, end) of the OFD locks an fdinfo file lists; none if unreadable."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return []
+        try:
+            text = os.read(fd, 4096)
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
+        out = []
+        for line in text.split(b"\n"):
+            if line.startswith(b"lock:") and b" OFDLCK " in line:
+                parts = line.split()
+                if len(parts) >= 3 and parts[-1] != b"EOF":
+                    try:
+                        out.append((parts[-3], int(parts[-2]), int(parts[-1])))
+                    except ValueError:
+                        continue
+        return out

@@ -17,6 +17,7 @@ import errno
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,20 @@ class EmulatedDevice:
         self._next_fh = 1
         self._own: tuple[str, Any] | None = None
         self._own_lock: asyncio.Lock | None = None
+        #: the worker thread making the announced own-open (its tid: no /proc read to know it is ours)
+        self._own_tid = 0
+        #: OFD-lock tags of our open files: a trapped call's fd is mapped to its fh from fdinfo
+        self.tags = fdpass.FileTags()
+        #: spare own-node opens, unbound and invisible: (fd, fh, caller, flags) ready for ``open_own``
+        self._spares: list[tuple[int, int, Caller, int]] = []
+        #: fh -> OpenFile of every spare not yet taken nor released (dropped ones until their release)
+        self._spare_files: dict[int, OpenFile] = {}
+        self._spare_kind = ""
+        self._spare_caller: tuple[int, Caller, int] = (0, Caller(0, 0, 0), 0)
+        #: bumped when the spares are dropped: a spare still being opened then is not kept
+        self._spare_gen = 0
+        self._closing = False
+        self._refill: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         from ..tracing.inject import Injector
 
@@ -140,6 +155,8 @@ class EmulatedDevice:
             pass  # a client's open of the device node: always the device kind (EBUSY when held)
         elif self._own is not None and self._is_own(caller):
             (kind_name, bound), self._own = self._own, None
+            if not kind_name:
+                return self._open_spare(caller, flags)
         elif node != DEVICE_NODE:  # a client's re-open of a session fd through /proc
             for m in self.chain:
                 m.opened(caller, flags, 0, errno.ENXIO)
@@ -163,6 +180,8 @@ class EmulatedDevice:
         return fh
 
     def release(self, fh: int) -> None:
+        if self._spare_files and self._spare_files.pop(fh, None) is not None:
+            return  # a spare never taken: nobody saw it open
         f = self.files.pop(fh, None)
         for m in self.chain:
             m.released(fh)
@@ -187,6 +206,7 @@ class EmulatedDevice:
         return dispatch(f.table, f, caller, cmd, arg, mem)
 
     def _trapped_ioctl(self, t: TrappedCall, fh: int, cmd: int) -> int | Awaitable[int]:
+        t.fh = fh
         if t.cancelled:
             raise fail(errno.EINTR)
         run = self.interceptor
@@ -237,6 +257,7 @@ class EmulatedDevice:
         for f in self.files.values():
             f.revoked = True
         self.holders.clear()
+        self._drop_spares()
         return live
 
     # -- services for handlers (cusedev.profiles.base.DeviceServices) ----------------------------
@@ -259,26 +280,112 @@ class EmulatedDevice:
     async def open_own(self, kind: str, bound: Any) -> int:
         """An fd of ours on our own node whose open file has ``kind`` and ``bound`` (see the Protocol).
 
-        The open runs in a worker thread (the loop serves it); one at a time, so
-        the open that arrives from this process is the one announced.
+        Taken from the spare pool (a file opened earlier, bound now): no open
+        round trip on the caller's path.  With the pool empty, one is opened
+        first (in a worker thread, the loop serves it).  The pool is refilled
+        in the background.  The file carries its tag (``FileTags``) from birth.
         """
         if self.node_path is None:
             raise fail(errno.EOPNOTSUPP)
         if kind not in self.kinds:
             raise ValueError(f"{self.profile.name} has no kind {kind!r}")
+        self._spare_kind = kind
+        while not self._spares:
+            await self._add_spare()
+        fd, fh, caller, flags = self._spares.pop()
+        f = self._spare_files.pop(fh)
+        k = f.table = self.kinds[kind]
+        f.kind, f.bound = kind, bound
+        if k.exclusive and kind in self.holders:  # as open() refuses it
+            self._spare_files[fh] = f
+            self._spares.append((fd, fh, caller, flags))
+            for m in self.chain:
+                m.opened(caller, flags, 0, errno.EBUSY)
+            raise fail(errno.EBUSY)
+        self.files[fh] = f
+        if k.exclusive:
+            self.holders[kind] = f
+        for m in self.chain:  # seen now, as if opened now: traces show one open per file handed out
+            m.opened(caller, flags, fh, 0)
+        self._schedule_refill()
+        return fd
+
+    #: spare own-node opens kept ready (each costs an fd and an open file of our node)
+    spare_target = 4
+
+    def _open_spare(self, caller: Caller, flags: int) -> int:
+        """open() of a spare (on the loop): an unbound file outside ``files``, the chain never hears of it."""
+        fh = self._next_fh
+        self._next_fh += 1
+        self._spare_files[fh] = OpenFile(fh, self.kinds[self._spare_kind], None, self)
+        self._spare_caller = (fh, caller, flags)
+        return fh
+
+    def _open_in_worker(self, path: str) -> int:
+        self._own_tid = threading.get_native_id()
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            self._own_tid = 0
+
+    async def _add_spare(self) -> None:
+        """Open one spare (announced like every own-open; one at a time) and tag it."""
         if self._own_lock is None:
             self._own_lock = asyncio.Lock()
+        path = self.session_node_path or self.node_path
+        assert path is not None
+        gen = self._spare_gen
         async with self._own_lock:
-            self._own = (kind, bound)
+            self._own = ("", None)
+            opening = asyncio.get_running_loop().run_in_executor(None, self._open_in_worker, path)
             try:
-                return await asyncio.get_running_loop().run_in_executor(
-                    None, os.open, self.session_node_path or self.node_path, os.O_RDWR | os.O_CLOEXEC)
+                fd = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # shutdown: the open still completes; close what it gives
+                opening.add_done_callback(_close_result)
+                raise
             finally:
                 self._own = None
+            fh, caller, flags = self._spare_caller
+        if gen != self._spare_gen:  # dropped meanwhile (kexec, shutdown): not for use
+            _close_later(fd)
+            return
+        self.tags.tag(fd, fh)  # local to the kernel: no request to us (see FileTags)
+        self._spares.append((fd, fh, caller, flags))
 
-    @staticmethod
-    def _is_own(caller: Caller) -> bool:
+    def _schedule_refill(self) -> None:
+        if not self._closing and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.ensure_future(self._fill_spares())
+
+    async def _fill_spares(self) -> None:
+        try:
+            while len(self._spares) < self.spare_target and self.node_path is not None:
+                await self._add_spare()
+        except OSError as e:
+            log.warning("spare open of the node failed: %s", e)
+
+    def _drop_spares(self) -> None:
+        """Close every spare (kexec, shutdown); their releases stay unseen.  Closed off the loop:
+        on CUSE the close waits for a RELEASE that only the loop answers."""
+        self._spare_gen += 1
+        spares, self._spares = self._spares, []
+        for fd, *_ in spares:
+            _close_later(fd)
+
+    async def close_spares(self) -> None:
+        """Shutdown: stop refilling and close the spares (waiting for the closes)."""
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
+        self._spare_gen += 1
+        self._closing = True  # no more refills
+        spares, self._spares = self._spares, []
+        if spares:
+            await asyncio.get_running_loop().run_in_executor(None, _close_all, [fd for fd, *_ in spares])
+
+    def _is_own(self, caller: Caller) -> bool:
         """Whether the request comes from a thread of this process (our own worker)."""
+        if caller.tid == self._own_tid:
+            return True
         try:
             return pidfd.tgid_of(caller.tid) == os.getpid()
         except OSError:
@@ -297,13 +404,71 @@ class EmulatedDevice:
             loop = asyncio.get_running_loop()
             if ours is None:
                 return await loop.run_in_executor(None, fdpass.reissue, fd, cmd, t.cookie)
-            return await loop.run_in_executor(None, fdpass.reissue_and_close, fd, cmd, t.cookie, ours)
+
+            def tag(dup: int) -> None:  # in the worker: the next call on this file takes the fast path
+                if t.fh:
+                    self.tags.tag(dup, t.fh)
+
+            return await loop.run_in_executor(None, fdpass.reissue_and_close, fd, cmd, t.cookie, ours, tag)
+        finally:
+            del self.trapped[t.cookie]
+
+    def run_tagged(self, fh: int, cmd: int, t: TrappedCall) -> int | asyncio.Future[int]:
+        """Run trapped call ``t`` on our open file ``fh`` right here on the loop (the fast path: the
+        caller's fd carries ``fh``'s tag); 0 or the errno, or a future of it when the handler
+        completes later.  The same path as a re-issued call, without the trip through the kernel."""
+        self.trapped[t.cookie] = t
+        try:
+            res = self._trapped_ioctl(t, fh, cmd)
+        except OSError as e:
+            del self.trapped[t.cookie]
+            return e.errno or errno.EIO
+        except Exception:
+            del self.trapped[t.cookie]
+            log.exception("trapped call on fh %d failed", fh)
+            return errno.EIO
+        if type(res) is int or not inspect.isawaitable(res):
+            del self.trapped[t.cookie]
+            return 0
+        return asyncio.ensure_future(self._finish_tagged(res, t))
+
+    async def _finish_tagged(self, res: Awaitable[int], t: TrappedCall) -> int:
+        try:
+            await res
+            return 0
+        except asyncio.CancelledError:
+            if t.cancelled:  # the caller died: its answer is read by nobody
+                return errno.EINTR
+            raise
+        except OSError as e:
+            return e.errno or errno.EIO
+        except Exception:
+            log.exception("trapped call failed")
+            return errno.EIO
         finally:
             del self.trapped[t.cookie]
 
 
 def _around(member: Interceptor, run: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: member.kexec(run)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _close_result(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        _close_later(opening.result())
+
+
+def _close_later(fd: int) -> None:
+    """Close our fd ``fd`` in a worker thread (it may be the last reference of a CUSE file)."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, os.close, fd)
+    except RuntimeError:  # no loop (a synchronous caller): nothing to deadlock with
+        os.close(fd)
 
 
 __all__ = ["Call", "EmulatedDevice", "Fault", "OpenFile"]
