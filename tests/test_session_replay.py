@@ -190,3 +190,39 @@ def _two_stages(device: str, trace: Path, rest: Path | None = None) -> tuple[str
             p1.kill()
             p1.wait()
     return out, subprocess.run([*run, str(rest or trace), "--after-kexec"], capture_output=True, text=True, timeout=120)
+
+
+REOPEN = r"""
+import os, sys
+from cusedev.profiles.session.client import SessionDevice
+dev = SessionDevice(sys.argv[1])
+s = dev.create_session("reopened")
+for fd in (s.fd, dev.fd):    # a session fd: ENXIO (its own node); the device: EBUSY (exclusive)
+    try: os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR))
+    except OSError as e: print(e.errno)
+"""
+
+
+@pytest.mark.parametrize("how", ["record", "serve-trace"])
+def test_a_session_fd_reopened_through_proc_replays_as_enxio(public_dir: Path, transport_name: str, tmp_path: Path,
+                                                              how: str) -> None:
+    """Recorded from outside (``on: session``) or by the emulator itself (no node: ENXIO tells), the re-open
+    replays as a re-open of the replay's own session fd, ENXIO again."""
+    tmp_path.chmod(0o755)
+    out, client = tmp_path / "reopen.jsonl", tmp_path / "client.py"
+    client.write_text(REOPEN)
+    own = ("--trace", str(out)) if how == "serve-trace" else ()
+    with ServerProc(str(tmp_path / "rec-dev"), transport_name, "--abi", "7.2", "--no-sysfs", *own) as srv:
+        srv.start()
+        dev = srv.device
+        rec = [*CLI, "trace", "record", "-o", str(out), "--device", dev, "--abi", "7.2", "--"] if not own else []
+        p = subprocess.run([*rec, *CLI, "run", "--device", dev, "--", sys.executable, str(client), dev],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.split() == ["6", "16"], p.stdout + p.stderr
+        if own:
+            subprocess.run([*CLI, "status", "--device", dev], capture_output=True, timeout=60)  # records land
+    opens = [r for r in read_records(str(out)) if r.get("type") == "open" and r.get("errno")]
+    assert [r.get("err") for r in opens] == ["ENXIO", "EBUSY"], opens
+    p = _replay(out, "7.2", tmp_path, transport_name)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1].endswith(": 0 divergences"), p.stdout

@@ -205,6 +205,10 @@ class SessionReplayer:
             self.own_fh = rec.get("fh")  # the session file the next fd-returning call hands out
             return
         flags = int(rec.get("flags", os.O_RDWR))
+        # a re-open of a session fd through /proc (an own trace names no node: only the session node is ENXIO)
+        if (rec.get("on") or ("session" if rec.get("errno") == errno.ENXIO else "device")) == "session":
+            self._reopen_session(rec, flags)
+            return
         real = not flags & os.O_PATH
         if real and rec.get("errno", 0) == 0:
             for fh, kind in list(self.kind.items()):  # the device is exclusive: the old opener has closed it
@@ -221,6 +225,23 @@ class SessionReplayer:
                 self._adopt(int(rec["fh"]), fd, "device")
             else:
                 os.close(fd)
+
+    def _reopen_session(self, rec: dict[str, Any], flags: int) -> None:
+        """Re-open, through /proc, the fd the replay holds for the recorded session (its latest)."""
+        name = rec.get("session")
+        held = [fh for fh in sorted(self.fds, reverse=True)
+                if self.kind.get(fh) == "session" and (name is None or self.session_of.get(fh) == name)]
+        if not held:
+            self.diverge(rec, f"no session fd to re-open ({name!s})")
+            return
+        try:
+            fd, err = os.open(f"/proc/self/fd/{self.fds[held[0]]}", flags | os.O_CLOEXEC), 0
+        except OSError as e:
+            fd, err = -1, e.errno or 0
+        if fd >= 0:
+            os.close(fd)
+        if self.check_errno(rec, err):
+            self.ok(rec)
 
     def do_kexec(self, rec: dict[str, Any]) -> None:
         r = emulator_kexec(self.device, rec)
