@@ -27,12 +27,19 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import ctypes
+import errno
+import fcntl
+import hashlib
 import mmap
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -223,22 +230,9 @@ class Sequence_:
             on_session = rng.random() < .9 and not self.agree  # 6.19 has no GET_NAME: only a device's EINVAL
             self.call(self.pick(self.sessions) if on_session else self.pick(self.devs), N.cmd, buf, N)
         elif r < 0.74:  # malformed: any command, any file, wrong sizes, tails, pointers; unknown numbers
-            c = rng.choice(ALL)
-            cmd = c.cmd if rng.random() < 0.75 else rng.choice(BOGUS_CMDS)
-            slots = rng.choice((self.devs, self.sessions))
-            if self.agree and c in AGREE_ON_DEVICE_ONLY and cmd == c.cmd:
-                slots = self.devs
-            target = self.pick(slots)
-            fd = self.call(target, cmd, self.struct(c, name=self.name(), token=rng.choice(TOKENS)), c,
-                           malformed=True)
-            (self.sessions if c in (C, R) else self.files).append(fd)
+            self.malformed()
         elif r < 0.82:  # close something
-            slots = rng.choice((self.sessions, self.sessions, self.sessions, self.files, self.files, self.devs))
-            if slots:
-                i = rng.randrange(len(slots))
-                if slots[i] >= 0:
-                    os.close(slots[i])
-                slots[i] = -1
+            self.close_one()
         elif r < 0.87:  # open again (EBUSY), or re-open an fd through /proc
             if rng.random() < 0.5:
                 self.devs.append(self.open_dev())
@@ -251,10 +245,33 @@ class Sequence_:
                 except OSError:
                     self.devs.append(-1)
         elif r < 0.91:  # dup: the same open file under another number
-            fd = self.pick(self.sessions)
-            self.sessions.append(os.dup(fd) if fd >= 0 else -1)
+            self.dup_session()
         else:  # another process uses a session fd: inherited by fork, or received over SCM_RIGHTS
             self.in_child(self.pick(self.sessions), rng.random() < 0.5)
+
+    def malformed(self) -> None:
+        rng = self.rng
+        c = rng.choice(ALL)
+        cmd = c.cmd if rng.random() < 0.75 else rng.choice(BOGUS_CMDS)
+        slots = rng.choice((self.devs, self.sessions))
+        if self.agree and c in AGREE_ON_DEVICE_ONLY and cmd == c.cmd:
+            slots = self.devs
+        target = self.pick(slots)
+        fd = self.call(target, cmd, self.struct(c, name=self.name(), token=rng.choice(TOKENS)), c,
+                       malformed=True)
+        (self.sessions if c in (C, R) else self.files).append(fd)
+
+    def close_one(self) -> None:
+        slots = self.rng.choice((self.sessions, self.sessions, self.sessions, self.files, self.files, self.devs))
+        if slots:
+            i = self.rng.randrange(len(slots))
+            if slots[i] >= 0:
+                os.close(slots[i])
+            slots[i] = -1
+
+    def dup_session(self) -> None:
+        fd = self.pick(self.sessions)
+        self.sessions.append(os.dup(fd) if fd >= 0 else -1)
 
     def in_child(self, fd: int, over_socket: bool) -> None:
         """A child makes one call (GET_NAME or PRESERVE_FD of a new memfd) on the session fd, then exits."""
@@ -296,22 +313,193 @@ class Sequence_:
         for _ in range(self.calls):
             self.step()
 
+    def hold(self) -> list[socket.socket]:
+        """The end of part 1, before a live update: the device closed (it admits one open file, and the next
+        sequence opens it), some session fds closed (those sessions must not cross), and one put in flight:
+        sent over SCM_RIGHTS into a socket nobody reads, then closed here (the message alone keeps it
+        alive).  The sockets returned must stay open until the kexec."""
+        for i, fd in enumerate(self.devs):
+            if fd >= 0:
+                os.close(fd)
+                self.devs[i] = -1
+        for i, fd in enumerate(self.sessions):
+            if fd >= 0 and self.rng.random() < 0.2:
+                os.close(fd)
+                self.sessions[i] = -1
+        live = [i for i, fd in enumerate(self.sessions) if fd >= 0]
+        if not live:
+            return []
+        i = self.rng.choice(live)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.sessions[i]]))])
+        os.close(self.sessions[i])
+        self.sessions[i] = -1
+        return [a, b]
 
-def run_seed(seed: int, calls: int, device: str, agree: bool = False) -> int:
-    """Run one sequence in a child named ``luo-seed-N``; its exit status."""
+
+class BeforeKexec(Sequence_):
+    """Part 1 of a two-part sequence: the calls of ``Sequence_`` with more CREATE_SESSION and PRESERVE_FD of
+    memfds, so that there is something to carry; then ``hold``."""
+
+    def step(self) -> None:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.15:
+            self.sessions.append(self.call(self.pick(self.devs), C.cmd, self.struct(C, name=self.name()), C))
+        elif r < 0.35:
+            fd = self.memfd()
+            self.files.append(fd)
+            self.call(self.pick(self.sessions), P.cmd, self.struct(P, fd=fd, token=rng.choice(TOKENS)), P)
+        else:
+            super().step()
+
+
+class AfterKexec(Sequence_):
+    """Part 2 of a two-part sequence: the calls after the live update that followed part 1 of the same seed.
+
+    RETRIEVE_SESSION by the names part 1 used (``s<seed>-1`` .. ``-8`` and the fixed ones, found or not),
+    RETRIEVE_FD with the tokens part 1 used and others, FINISH (repeated too), GET_NAME, device commands
+    and malformed calls on the incoming sessions, new sessions beside them, a retrieved memfd preserved
+    again, and reads of what was retrieved (``readback`` lines: size, offset, seals, flags, digest —
+    what a trace does not show of a file).  Like part 1, a function of the seed and the answers."""
+
+    def __init__(self, seed: int, calls: int, device: str):
+        super().__init__(seed, calls, device)
+        self.counter = 100  # new names (``s<seed>-101`` ..) apart from part 1's, which ``known`` draws
+        self.retrieved: list[int] = []
+        self.incoming: list[int] = []  # what RETRIEVE_SESSION returned (also in ``sessions``)
+
+    def run(self) -> None:
+        """A sweep first (every name part 1 may have made, in order), then the random calls."""
+        self.devs.append(self.open_dev())
+        for k in range(1, 9):
+            fd = self.call(self.devs[0], R.cmd, self.struct(R, name=f"s{self.seed}-{k}".encode()), R)
+            self.sessions.append(fd)
+            self.incoming.append(fd)
+        for _ in range(self.calls):
+            self.step()
+
+    def known(self) -> bytes:
+        r = self.rng.random()
+        if r < 0.7:
+            return f"s{self.seed}-{self.rng.randint(1, 8)}".encode()
+        if r < 0.85:
+            return self.rng.choice((b"n" * 63, b"junk", b"junk\0after-the-nul", b"X" * 63, b""))
+        return self.name()
+
+    def step(self) -> None:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.22:  # RETRIEVE_SESSION (sometimes on a session fd: a kind mismatch)
+            target = self.pick(self.devs) if rng.random() < .9 else self.pick(self.sessions)
+            fd = self.call(target, R.cmd, self.struct(R, name=self.known()), R)
+            self.sessions.append(fd)
+            self.incoming.append(fd)
+        elif r < 0.42:  # RETRIEVE_FD with a token part 1 may have used, or another; mostly on an incoming session
+            r = rng.random()
+            live = [fd for fd in self.incoming if fd >= 0]
+            target = live[rng.randrange(len(live))] if r < .8 and live else self.pick(self.sessions) if r < .95 \
+                else self.pick(self.devs)
+            self.retrieved.append(self.call(target, F.cmd, self.struct(F, token=rng.choice(TOKENS + (3, 0x1B))), F))
+        elif r < 0.50:  # FINISH, repeated too
+            target = self.pick(self.incoming) if rng.random() < .7 else self.pick(self.sessions)
+            self.call(target, G.cmd, self.struct(G, reserved=rng.choice((0, 0, 0, 1))), G)
+        elif r < 0.55:  # GET_NAME of an incoming session
+            self.call(self.pick(self.sessions), N.cmd, self.struct(N), N)
+        elif r < 0.61:  # CREATE_SESSION, by a name an incoming session may have
+            self.sessions.append(self.call(self.pick(self.devs), C.cmd, self.struct(C, name=self.known()), C))
+        elif r < 0.69:  # PRESERVE_FD: a retrieved memfd again, or any fd; into an incoming or a new session
+            fd = self.pick(self.retrieved) if rng.random() < .6 else self.some_fd()
+            self.call(self.pick(self.sessions), P.cmd, self.struct(P, fd=fd, token=rng.choice(TOKENS)), P)
+        elif r < 0.77:
+            self.malformed()
+        elif r < 0.84:
+            self.readback()
+        elif r < 0.91:
+            self.close_one()
+        elif r < 0.94:
+            self.dup_session()
+        elif r < 0.97:
+            self.devs.append(self.open_dev())
+        else:
+            self.in_child(self.pick(self.sessions), rng.random() < 0.5)
+
+    def close_one(self) -> None:
+        slots = self.rng.choice((self.sessions, self.sessions, self.retrieved, self.files, self.devs))
+        if slots:
+            i = self.rng.randrange(len(slots))
+            fd = slots[i]
+            if fd >= 0:
+                os.close(fd)
+            for slots in (self.sessions, self.incoming, self.retrieved, self.files, self.devs):
+                slots[:] = [-1 if x == fd else x for x in slots]
+
+    def readback(self) -> None:
+        """One ``readback`` line about a retrieved file (sometimes written to first): what crossed."""
+        fd = self.pick(self.retrieved)
+        line = f"readback seed {self.seed}:"
+        if fd < 0:
+            print(f"{line} no file", flush=True)
+            return
+        if self.rng.random() < 0.3:
+            data = self.rng.randbytes(self.rng.choice((1, 100, 5000)))
+            try:
+                line += f" wrote {os.write(fd, data)}"
+            except OSError as e:
+                line += f" write {errno.errorcode.get(e.errno or 0, e.errno)}"
+        st = os.fstat(fd)
+        try:
+            seals = f"{fcntl.fcntl(fd, F_GET_SEALS):#x}"
+        except OSError as e:
+            seals = errno.errorcode.get(e.errno or 0, str(e.errno))
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK)
+        cloexec = fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        digest = hashlib.sha256(os.pread(fd, st.st_size, 0)).hexdigest()[:16]
+        print(f"{line} size {st.st_size} offset {os.lseek(fd, 0, os.SEEK_CUR)} seals {seals} flags {flags:#o}"
+              f" cloexec {cloexec} sha256 {digest}", flush=True)
+
+
+F_GET_SEALS = 1034
+
+
+def run_seed(seed: int, calls: int, device: str, agree: bool = False, part: int = 0) -> int:
+    """Run one sequence in a child named ``luo-seed-N``; its exit status.  ``part`` 1: part 1 of a two-part
+    sequence, whose child then holds its sessions (until killed, as a kexec does) and only reports that it
+    got there; 2: part 2 (``AfterKexec``)."""
     sys.stdout.flush()
+    r, w = os.pipe() if part == 1 else (-1, -1)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - a forked child
         code = 0
         try:
             _prctl(PR_SET_NAME, f"{COMM_PREFIX}{seed}".encode()[:15], 0, 0, 0)
-            Sequence_(seed, calls, device, agree).run()
+            if part == 2:
+                AfterKexec(seed, calls, device).run()
+            else:
+                seq = BeforeKexec(seed, calls, device) if part == 1 else Sequence_(seed, calls, device, agree)
+                seq.run()
+            if part == 1:
+                kept = seq.hold()
+                os.close(r)
+                null = os.open(os.devnull, os.O_RDWR)
+                for n in (0, 1, 2):  # nobody waits for the end of our output: a caller's pipe sees EOF
+                    os.dup2(null, n)
+                os.write(w, b"1")
+                os.close(w)
+                while kept is not None:
+                    time.sleep(3600)
         except BaseException as e:  # noqa: BLE001
             print(f"seed {seed}: {e!r}", file=sys.stderr, flush=True)
             code = 1
         os._exit(code)
+    if part == 1:
+        os.close(w)
+        holding = os.read(r, 1) == b"1"
+        os.close(r)
+        if holding:
+            return 0
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return os.waitstatus_to_exitcode(status) or (1 if part == 1 else 0)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -328,8 +516,17 @@ def parse_seeds(text: str) -> list[int]:
 
 # -- comparing two recorded runs -------------------------------------------------------------------------
 def split_by_seed(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """The records of each sequence (by the comm of its processes), each with the trace's header first."""
+    """The records of each sequence (by the comm of its processes), each with the trace's header first.
+    In an emulator's own trace the session files are named first, from the whole trace: the emulator's
+    own opens that make them are in no sequence."""
+    from ..tracing.diff import session_names
+
     header = records[0]
+    if "recorder" not in header:
+        files = session_names(records, header)
+        records = [header] + [{**r, "on": files[r["fh"]][0], "session": files[r["fh"]][1]}
+                              if r.get("type") == "ioctl" and "on" not in r and r.get("fh") in files else r
+                              for r in records[1:]]
     out: dict[int, list[dict[str, Any]]] = {}
     for r in records[1:]:
         comm = str(r.get("comm", ""))
@@ -338,13 +535,25 @@ def split_by_seed(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any
     return out
 
 
-def compare(path_a: str, path_b: str, seeds: Sequence[int] | None = None, out: Any = None) -> int:
-    """Diff two recorded runs sequence by sequence; prints every seed and the totals; 1 on a divergence."""
+def part_of(records: list[dict[str, Any]], part: int) -> list[dict[str, Any]]:
+    """The records of one part of a two-part run (header first): in a trace that holds a kexec (the
+    emulator's own, across `cusedev kexec`), part 1 is what precedes the first one and part 2 what follows
+    it; a trace without one (`trace record` of one part) is taken whole."""
+    at = next((i for i, r in enumerate(records) if r.get("type") == "kexec"), None)
+    if not part or at is None:
+        return records
+    return records[:at] if part == 1 else records[:1] + records[at + 1:]
+
+
+def compare(path_a: str, path_b: str, seeds: Sequence[int] | None = None, out: Any = None, part: int = 0) -> int:
+    """Diff two recorded runs sequence by sequence; prints every seed and the totals; 1 on a divergence.
+    ``part``: compare only that part of traces that cross a kexec (``part_of``)."""
     from ..tracing import diff
     from ..tracing.record import read_records
 
     out = out or sys.stdout
-    a, b = split_by_seed(list(read_records(path_a))), split_by_seed(list(read_records(path_b)))
+    a = split_by_seed(part_of(list(read_records(path_a)), part))
+    b = split_by_seed(part_of(list(read_records(path_b)), part))
     seeds = sorted(set(a) | set(b)) if seeds is None else list(seeds)
     total = ioctls = bad = 0
     devs: dict[str, int] = {}
@@ -370,6 +579,41 @@ def compare(path_a: str, path_b: str, seeds: Sequence[int] | None = None, out: A
     return 1 if bad or not total else 0
 
 
+def record_hold(out: str, device: str, seeds: str, calls: int, run: str | None = None,
+                timeout: float = 600.0) -> int:
+    """Part 1 of the two-part sequences, recorded with `trace record` (under `cusedev run --device RUN` when
+    given): returns once every sequence holds its sessions and the recorder has let go of them (SIGTERM:
+    it detaches, the trace is complete), so that a kexec, real or `cusedev kexec`, comes next.  The
+    holders' output and the recorder's go to ``out``.log."""
+    ready = out + ".ready"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ready)
+    py = sys.executable
+    cmd = [py, "-m", "cusedev", "trace", "record", "-o", out, "--abi", "7.2", "--device", device, "--",
+           py, "-m", "cusedev.testing.differential", "exec", "--part", "1", "--ready", ready, "--device", device,
+           "--seeds", seeds, "--calls", str(calls)]
+    if run:
+        cmd = [py, "-m", "cusedev", "run", "--device", run, "--", *cmd]
+    with open(out + ".log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            print(f"part 1: no sequence holding (exit {proc.wait()}; see {out}.log)", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    recorder, main, rc, holders = open(ready).read().split(" ", 3)
+    # the recorder sees its command exit (and reaps it) before it is told to let the holders go
+    while _alive(main) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(int(recorder), signal.SIGTERM)
+    while _alive(recorder) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"part 1: seeds {seeds} holding their sessions (pids {holders.strip()}), exit {rc}", flush=True)
+    return int(rc)
+
+
 def read_header(path: str) -> dict[str, Any]:
     from ..tracing.record import read_records
 
@@ -387,20 +631,59 @@ def main(argv: list[str] | None = None) -> int:
                    help="only calls that profiles 6.19 and 7.2 answer alike (spec section 12)")
     e.add_argument("--agree-seeds", default="",
                    help="more seeds, run after --seeds as with --agree (one traced process for both sets)")
+    e.add_argument("--part", type=int, choices=(1, 2), default=0,
+                   help="part 1 of two-part sequences (they then hold their sessions for a kexec) or part 2")
+    e.add_argument("--ready", default="", help="part 1: write 'RECORDER-PID PID EXIT HOLDER-PIDS' here at the end")
+    h = sub.add_parser("record-hold", help="record part 1 (trace record), return with the sequences holding")
+    h.add_argument("-o", dest="out", required=True)
+    h.add_argument("--device", default="/dev/liveupdate")
+    h.add_argument("--run", default="", help="under `cusedev run --device RUN` (an emulator's node)")
+    h.add_argument("--seeds", default="1-3")
+    h.add_argument("--calls", type=int, default=40)
     c = sub.add_parser("compare", help="diff two recorded runs sequence by sequence")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--seeds", default="", help="compare only these sequences (default: every one in A or B)")
+    c.add_argument("--part", type=int, choices=(1, 2), default=0,
+                   help="of a trace across a kexec, only the part before (1) or after (2) it")
     args = ap.parse_args(argv)
     if args.what == "compare":
-        return compare(args.a, args.b, parse_seeds(args.seeds) if args.seeds else None)
+        return compare(args.a, args.b, parse_seeds(args.seeds) if args.seeds else None, part=args.part)
+    if args.what == "record-hold":
+        return record_hold(args.out, args.device, args.seeds, args.calls, args.run or None)
     rc = 0
     todo = [(s, args.agree) for s in parse_seeds(args.seeds)] + [(s, True) for s in parse_seeds(args.agree_seeds)]
+    holders = []
     for seed, agree in todo:
-        print(f"seed {seed}" + (" (agree)" if agree and not args.agree else ""), flush=True)
-        if run_seed(seed, args.calls, args.device, agree) != 0:
+        print(f"seed {seed}" + (" (agree)" if agree and not args.agree else "")
+              + (f" (part {args.part})" if args.part else ""), flush=True)
+        if run_seed(seed, args.calls, args.device, agree, args.part) != 0:
             rc = 1
+    if args.part == 1:
+        holders = _children()
+    if args.ready:
+        with open(args.ready + ".tmp", "w") as f:
+            f.write(f"{os.getppid()} {os.getpid()} {rc} {','.join(holders) or '-'}\n")
+        os.rename(args.ready + ".tmp", args.ready)
     return rc
+
+
+def _alive(pid: str) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _children() -> list[str]:
+    """Our children's pids (part 1's holders), from /proc."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return f.read().split()
+    except OSError:
+        return []
 
 
 if __name__ == "__main__":

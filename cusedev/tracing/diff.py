@@ -148,7 +148,7 @@ def _file_key(f: Any) -> Any:
     return out
 
 
-def _session_names(records: list[dict[str, Any]], header: dict[str, Any]) -> dict[int, tuple[str, str | None]]:
+def session_names(records: list[dict[str, Any]], header: dict[str, Any]) -> dict[int, tuple[str, str | None]]:
     """fh -> (kind of open file, session name) for an emulator's own trace: its own opens of its node are the
     session files, made by the next successful CREATE/RETRIEVE_SESSION (in record order)."""
     own = header.get("emulator_pid")
@@ -178,7 +178,7 @@ def reduce(records: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], list[Call
         raise DiffError(f"trace format {header.get('format')}, this cusedev reads {FORMAT_VERSION}")
     structs = _Structs(str(header.get("abi")))
     own = "recorder" not in header
-    files = _session_names(recs, header) if own else {}
+    files = session_names(recs, header) if own else {}
     emulator_pid = header.get("emulator_pid") if own else None
     calls: list[CallView] = []
     for r in recs[1:]:
@@ -248,6 +248,9 @@ def _fields_differ(a: CallView, b: CallView) -> list[str]:
             continue
         if k in ("out_hex", "file", "ret_fd", "session") and (va is None or vb is None):
             continue  # one side could not see it (an emulator's trace does not describe returned fds)
+        if k == "file" and isinstance(va, dict) and isinstance(vb, dict) and \
+                {str(va.get("kind")), str(vb.get("kind"))} in ({"device", "other"}, {"session", "other"}):
+            continue  # a LUO file handed in: the recorder names it, an emulator's own trace sees only its node
         if va != vb:
             out.append(k)
     return out

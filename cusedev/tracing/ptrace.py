@@ -378,6 +378,8 @@ class Recorder:
             return {"kind": "none"}
         if link.startswith(_SESSION_LINK):
             return {"kind": "session", "name": link[len(_SESSION_LINK):]}
+        if fd_flags(tid, fd) & os.O_PATH:  # no open file to hand over, whatever it names (an emulator says so)
+            return {"kind": "opath"}
         f = self.classify(tid, fd)
         if f is not None:
             return {"kind": f.on, **({"name": f.session} if f.session is not None else {})}
@@ -486,6 +488,9 @@ class Recorder:
         else:
             self._ioctl_exit(tid, p, err)
 
+    def _fuse_file(self) -> bool:
+        return any(stat.S_ISREG(n.st_mode) for n in self.nodes)
+
     def _ioctl_exit(self, tid: int, p: Pending, err: int) -> None:
         info = p.info
         f: OpenFile | None = info.get("file")
@@ -516,7 +521,9 @@ class Recorder:
             rec["err"] = errname(err)
         if "passed" in info:
             rec["file"] = info["passed"]
-        if cmd in _VFS_IOCTLS:
+        if cmd in _VFS_IOCTLS or (err == errno.EFAULT and cmd >> 30 & _IOC_WRITE and self._fuse_file()):
+            # the VFS answered; or a FUSE file's kernel side, which copies a write-direction argument in
+            # before its server sees the call (a CUSE server or a misc driver sees every call)
             rec["vfs"] = True
         self.calls += 1
         self._record("ioctl", tid, rec)
@@ -708,6 +715,18 @@ class _Interrupted(Exception):
     pass
 
 
+def fd_flags(tid: int, fd: int) -> int:
+    """The open flags of a tracee's fd (its fdinfo), 0 when unknown."""
+    try:
+        with open(f"/proc/{tid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def ptrace_geteventmsg(tid: int) -> int:
     msg = ctypes.c_ulong(0)
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
@@ -715,6 +734,7 @@ def ptrace_geteventmsg(tid: int) -> int:
 
 
 _VFS_IOCTLS = frozenset({0x5450, 0x5451, 0x5421, 0x5452, 0x5460})
+_IOC_WRITE = 1  # the direction bits (cmd >> 30): userspace writes, the driver reads
 
 
 def _decode(op: Any, data: bytes, outputs: bool, ffi: Any, enums: Any) -> dict[str, Any]:

@@ -490,6 +490,7 @@ class Tracer(Interceptor):
         tid, fh, cmd, arg, mem = call.caller.tid, call.fh, call.cmd, call.arg, call.mem
         t0 = _mono()
         wall = _wall()
+        self._who(tid)  # named now (cached): a process that inherited its fd may be gone when this is written
         if self.pending:
             p = self.pending.pop(tid, None)
             if p is not None:
