@@ -9,7 +9,10 @@ here two recorded runs against the emulator (profile 7.2, FUSE file, under
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +124,60 @@ def test_the_agreeing_subset_is_answered_alike_by_6_19_and_7_2(public_dir: Path,
     assert int(summary.split(", ")[1].split()[0]) >= 200, summary
     c = compare(traces["7.2", False], traces["6.19", False])
     assert c.returncode == 1 and "DIVERGED" in c.stdout, c.stdout
+
+
+KX_SEEDS, KX_CALLS = "1-4", 40
+
+
+def test_two_part_sequences_across_cusedev_kexec(public_dir: Path, transport_name: str, tmp_path: Path) -> None:
+    """The two-part sequences (part 1, the live update, part 2) against the emulator, as the VM runs them
+    against the kernel: part 1 recorded by `trace record` and left holding its sessions (`record-hold`),
+    `cusedev kexec`, part 2 recorded; the emulator's own trace of the same run, cut at its kexec record,
+    says the same call for call (`compare --part`), and part 2 finds what part 1 left."""
+    own, p1, p2 = tmp_path / "own.jsonl", tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
+    holders: list[int] = []
+    with ServerProc(str(public_dir / "dev-kx"), transport_name, "--abi", "7.2", "--no-sysfs",
+                    "--trace", str(own)) as srv:
+        srv.start()
+        dev = srv.device
+        try:
+            h = subprocess.run([sys.executable, "-m", "cusedev.testing.differential", "record-hold", "-o", str(p1),
+                                "--device", dev, "--run", dev, "--seeds", KX_SEEDS, "--calls", str(KX_CALLS)],
+                               capture_output=True, text=True, timeout=300)
+            assert h.returncode == 0, h.stdout + h.stderr + (tmp_path / "p1.jsonl.log").read_text()
+            line = h.stdout.strip().splitlines()[-1]
+            holders = [int(p) for p in line.split("(pids ")[1].split(")")[0].split(",")]
+            assert len(holders) == 4, line  # one holder per sequence, each still alive
+            assert all(Path(f"/proc/{p}").exists() for p in holders)
+            k = subprocess.run([*CLI, "kexec", "--device", dev], capture_output=True, text=True, timeout=60)
+            assert k.returncode == 0 and "live update" in k.stdout, k.stdout + k.stderr
+            r = subprocess.run(
+                [*CLI, "run", "--device", dev, "--", *CLI, "trace", "record", "-o", str(p2), "--abi", "7.2",
+                 "--device", dev, "--", sys.executable, "-m", "cusedev.testing.differential", "exec", "--part", "2",
+                 "--device", dev, "--seeds", KX_SEEDS, "--calls", str(KX_CALLS)],
+                capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+        finally:
+            for p in holders:  # the kexec ends them; on a failure before it, so does this
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+    readback = [ln for ln in r.stdout.splitlines() if ln.startswith("readback ")]
+    assert any(" size " in ln for ln in readback), r.stdout  # a memfd crossed, retrieved and read back
+
+    totals = []
+    for part, mine in ((1, p1), (2, p2)):
+        c = subprocess.run([sys.executable, "-m", "cusedev.testing.differential", "compare", "--part", str(part),
+                            str(mine), str(own)], capture_output=True, text=True, timeout=120)
+        assert c.returncode == 0, c.stdout
+        summary = c.stdout.splitlines()[-1]
+        assert summary.startswith("differential: 4 sequences, ") and " 0 divergent" in summary, summary
+        totals.append(int(summary.split(", ")[1].split()[0]))
+    assert totals[0] >= 80 and totals[1] >= 80, totals
+
+    recs1, recs2 = list(read_records(str(p1))), list(read_records(str(p2)))
+    ok = {(r.get("name"), r.get("on")) for r in recs2 if r.get("type") == "ioctl" and not r.get("errno")}
+    # part 2 retrieves sessions by name and files by token: what part 1 left crossed
+    assert ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", "device") in ok, ok
+    assert ("LIVEUPDATE_SESSION_RETRIEVE_FD", "session") in ok, ok
+    assert any(r.get("name") == "LIVEUPDATE_SESSION_PRESERVE_FD" and not r.get("errno") for r in recs1)
+    assert [r for r in read_records(str(own)) if r.get("type") == "kexec"]
