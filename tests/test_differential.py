@@ -87,9 +87,10 @@ def test_a_sequence_is_a_function_of_its_seed() -> None:
 
 
 def test_guest_script_parses() -> None:
-    script = REPO / "vm" / "guest-differential"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    assert script.stat().st_mode & 0o111
+    for name in ("guest-differential", "guest-differential-kexec"):
+        script = REPO / "vm" / name
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+        assert script.stat().st_mode & 0o111
 
 
 def test_the_agreeing_subset_is_answered_alike_by_6_19_and_7_2(public_dir: Path, transport_name: str,
