@@ -29,6 +29,8 @@ MUST_BE_VM = [
     "test_load.py::test_threads_of_one_opener",
     "test_session_errno.py::test_real_syscalls[7.2-dev_nr_out_of_range_einval]",
     "test_session_errno_c.py::test_every_row_from_c",
+    "test_session_node.py::test_session_node_refuses_every_open_but_the_emulators_and_goes_at_stop",
+    "test_session_node.py::test_kexec_ends_a_run_daemon_holding_only_session_fds",
 ]
 #: transport-independent, and costly under TCG: the host runs them once
 MUST_BE_HOST_ONLY = [

@@ -74,10 +74,12 @@ def test_session_node_refuses_every_open_but_the_emulators_and_goes_at_stop(emu:
     st = os.stat(node)
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 0, 0)  # the kernel's anon inode: 0600 root
     if emu.transport == "cuse":
-        from cusedev.transport.cuse import devname_for, session_devname
+        from cusedev.transport.cuse import devname_for, session_devname, session_rdev_of
 
         assert stat.S_ISCHR(st.st_mode) and node == "/dev/" + session_devname(devname_for(emu.path)[0]), node
         assert os.path.exists("/sys/class/cuse/" + os.path.basename(node))
+        # how `trace record` finds it from the device alone (the device may be bind-mounted elsewhere)
+        assert session_rdev_of(os.stat(emu.path).st_rdev) == st.st_rdev
     else:
         assert stat.S_ISREG(st.st_mode) and node.startswith("/run/cusedev/"), node
     assert _open_errno(node) == errno.ENXIO  # the device is free: still no open of the session node

@@ -41,12 +41,61 @@ def _key(st: os.stat_result) -> tuple[bool, int, int]:
     return False, st.st_dev, st.st_ino
 
 
+def _mounts(pid: str) -> dict[int, tuple[int, str]]:
+    """mount id -> (st_dev, fstype) in ``pid``'s mount namespace (its mountinfo)."""
+    out: dict[int, tuple[int, str]] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                ma, mi = fields[2].split(":")
+                out[int(fields[0])] = (os.makedev(int(ma), int(mi)), fields[fields.index("-") + 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _fdinfo(pid: str, n: str) -> tuple[int, int] | None:
+    """(mnt_id, ino) of ``pid``'s fd ``n``, read without touching the file."""
+    mnt = ino = None
+    try:
+        with open(f"/proc/{pid}/fdinfo/{n}") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    mnt = int(line.split()[1])
+                elif line.startswith("ino:"):
+                    ino = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (mnt, ino) if mnt is not None and ino is not None else None
+
+
 def _holds(pid: str, match: set[tuple[bool, int, int]]) -> bool:
+    """Whether ``pid`` has an fd of a node in ``match``.
+
+    A file on a FUSE mount is matched by the mount's device and the inode from
+    fdinfo, never stat'ed: a stat is a GETATTR to that mount's server, and a
+    server that does not answer (stopped, or waiting on us) would hang the kill
+    and so the emulated reboot.  Other files (a CUSE node on devtmpfs) are stat'ed.
+    """
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
+    mounts: dict[int, tuple[int, str]] | None = None
     for n in names:
+        info = _fdinfo(pid, n)
+        if info is None:
+            continue
+        if mounts is None:
+            mounts = _mounts(pid)
+        if info[0] not in mounts:
+            continue  # a detached mount (lazily unmounted): none of ours, which stay mounted while we serve
+        dev, fstype = mounts[info[0]]
+        if fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk")):
+            if (False, dev, info[1]) in match:
+                return True
+            continue
         try:
             st = os.stat(f"/proc/{pid}/fd/{n}")
         except OSError:
