@@ -370,12 +370,16 @@ class AfterKexec(Sequence_):
         self.incoming: list[int] = []  # what RETRIEVE_SESSION returned (also in ``sessions``)
 
     def run(self) -> None:
-        """A sweep first (every name part 1 may have made, in order), then the random calls."""
+        """A sweep first (every name part 1 may have made, in order; two tokens on each session found),
+        then the random calls."""
         self.devs.append(self.open_dev())
         for k in range(1, 9):
             fd = self.call(self.devs[0], R.cmd, self.struct(R, name=f"s{self.seed}-{k}".encode()), R)
             self.sessions.append(fd)
             self.incoming.append(fd)
+        for fd in [fd for fd in self.incoming if fd >= 0]:
+            for token in self.rng.sample(TOKENS, 2):
+                self.retrieved.append(self.call(fd, F.cmd, self.struct(F, token=token), F))
         for _ in range(self.calls):
             self.step()
 
