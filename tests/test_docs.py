@@ -25,6 +25,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 VMM_DEMO = "test:tests/test_lifecycle.py::test_vmm_demo_256mib"
 ERRNO_ROWS = "test:tests/test_session_errno_c.py::test_every_row_from_c"
+KEXEC_DIFF = "test:tests/test_differential.py::test_two_part_sequences_across_cusedev_kexec"
 HOW: dict[str, str] = {
     "scripts/install && cusedev serve": "test:tests/test_newcomer_debian.py::test_readme_first_command_on_fresh_debian",
     "scripts/test-all": "flags:scripts/test-all",
@@ -58,6 +59,12 @@ HOW: dict[str, str] = {
     "cusedev serve --abi 7.2 &": ERRNO_ROWS,
     "cusedev run -- ./session_errno --abi 7.2 --stage 1": ERRNO_ROWS,
     "cusedev kexec": ERRNO_ROWS,
+    "cusedev serve --abi 7.2 --trace own.jsonl &": KEXEC_DIFF,
+    "python3 -m cusedev.testing.differential record-hold -o part1.jsonl --run /dev/liveupdate --seeds 1-3": KEXEC_DIFF,
+    "cusedev run -- cusedev trace record -o part2.jsonl -- python3 -m cusedev.testing.differential exec --part 2 "
+    "--seeds 1-3": KEXEC_DIFF,
+    "python3 -m cusedev.testing.differential compare --part 1 part1.jsonl own.jsonl": KEXEC_DIFF,
+    "python3 -m cusedev.testing.differential compare --part 2 part2.jsonl own.jsonl": KEXEC_DIFF,
     "cusedev run -- ./session_errno --abi 7.2 --stage 2": ERRNO_ROWS,
     "cp examples/cusedev.service /etc/systemd/system/":
         "test:tests/test_newcomer_packaging.py::test_example_service_unit_verifies",
