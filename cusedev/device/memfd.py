@@ -53,6 +53,10 @@ class ShmemFile:
     def probe(cls, fd: int) -> ShmemFile:
         """Take ownership of ``fd`` if the kernel would preserve it, else ENOENT (fd closed)."""
         try:
+            # F_GET_SEALS answers only on shmem (and hugetlbfs) files, and never asks a file's server:
+            # a stat of a FUSE file, one of our own nodes above all, from the loop that serves it
+            # would wait for itself (its attributes are re-read after a read() on it)
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             st = os.fstat(fd)
             ok = stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and fs_type(fd) == TMPFS_MAGIC
         except OSError:
