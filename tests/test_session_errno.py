@@ -715,6 +715,9 @@ class ModelHarness(H):
         self.pending[fd] = _File(0, kind, bound, self.model, self)
         return fd
 
+    def close_own(self, fd: int) -> None:
+        os.close(fd)
+
     # FdInstaller
     def reserve(self, caller: Any) -> None:
         if self.emfile:

@@ -209,7 +209,9 @@ class Runtime:
         if fh is not None:
             call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
             res = self.device.run_tagged(fh, n.args[1], call)
-            err = res if isinstance(res, int) else await self._until_done(n, call, res)
+            err = res if isinstance(res, int) else await self._outcome(n, call, res)
+            if self.device.closing:  # CUSE: our copy of a handed-out file is closed first
+                await self.device.closes_done()
             n.reply(error=err) if err else n.reply(0)  # False (not sent) when the caller is gone
             return
         try:
@@ -225,12 +227,47 @@ class Runtime:
         # the worker owns ``dup`` from here: it closes it, even if this task is cancelled
         work = asyncio.ensure_future(self.device.run_trapped(dup, n.args[1], call, self._is_device))
         err = await self._until_done(n, call, work)
+        if self.device.closing:
+            await self.device.closes_done()
         if err is None:  # not our node
             n.continue_()
         elif n.valid():
             n.reply(error=err) if err else n.reply(0)
         else:
             n.answered = True
+
+    @staticmethod
+    async def _outcome(n: Notification, call: TrappedCall, work: asyncio.Future[Any]) -> int:
+        """0 or the errno of a trapped call's handler; if the trapped task dies meanwhile, it is cancelled.
+
+        A timer checks the task now and then: cheaper than ``asyncio.wait`` with a timeout."""
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal timer
+            if not work.done():
+                if n.valid():
+                    timer = loop.call_later(TRAPPED_POLL, watch)
+                else:
+                    call.cancel()  # the caller died: its reply is EINTR, read by nobody
+
+        timer = loop.call_later(TRAPPED_POLL, watch)
+        try:
+            await work
+            return 0
+        except asyncio.CancelledError:
+            if call.cancelled:
+                return errno.EINTR
+            raise
+        except OSError as e:
+            return e.errno or errno.EIO
+        except Exception:
+            log.exception("trapped call failed")
+            return errno.EIO
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     @staticmethod
     async def _until_done(n: Notification, call: TrappedCall, work: asyncio.Future[Any]) -> Any:

@@ -159,12 +159,13 @@ class FileTags:
         #: b"MAJ:MIN:INO" of the nodes whose files we tagged (the fdinfo spelling of an inode)
         self.nodes: set[bytes] = set()
 
-    def tag(self, fd: int, fh: int) -> bool:
+    def tag(self, fd: int, fh: int, fresh: bool = False) -> bool:
         """Lock one byte naming ``fh`` on ``fd``'s open file; False if it cannot carry a tag.
 
         A file that already has locks of its own (the client's) is left alone: a lock
-        of the same owner over our byte would merge with or split around it."""
-        if not 0 < fh < 1 << _FH_BITS or self._locks(f"/proc/self/fdinfo/{fd}"):
+        of the same owner over our byte would merge with or split around it.  ``fresh``:
+        a new open of a node already tagged before, so neither check reads fdinfo."""
+        if not 0 < fh < 1 << _FH_BITS or not fresh and self._locks(f"/proc/self/fdinfo/{fd}"):
             return False
         start = self.instance << _FH_BITS | fh
         for kind in (fcntl.F_RDLCK, fcntl.F_WRLCK):  # RDLCK conflicts with fewer client locks
@@ -176,6 +177,8 @@ class FileTags:
                     return False
         else:
             return False
+        if fresh:
+            return True
         for node, first, last in self._locks(f"/proc/self/fdinfo/{fd}"):
             if first == last == start:
                 self.nodes.add(node)

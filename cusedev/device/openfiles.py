@@ -17,6 +17,7 @@ import errno
 import inspect
 import logging
 import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from .dispatch import dispatch
 from .fdpass import TrappedCall
 from .intercept import Call, Fault, Interceptor, chain
 from .seam import DEVICE_NODE, Caller, CallerMemory, FdInstaller, einval
+from .spares import Spare, SparePool
 
 if TYPE_CHECKING:
     from ..tracing.record import Tracer
@@ -88,21 +90,21 @@ class EmulatedDevice:
         self.opener_tid = 0
         self._next_fh = 1
         self._own: tuple[str, Any] | None = None
-        self._own_lock: asyncio.Lock | None = None
         #: the worker thread making the announced own-open (its tid: no /proc read to know it is ours)
         self._own_tid = 0
         #: OFD-lock tags of our open files: a trapped call's fd is mapped to its fh from fdinfo
         self.tags = fdpass.FileTags()
-        #: spare own-node opens, unbound and invisible: (fd, fh, caller, flags) ready for ``open_own``
-        self._spares: list[tuple[int, int, Caller, int]] = []
+        #: spare own-node opens, unbound and invisible until ``open_own`` binds one (None: not yet used)
+        self.spares: SparePool | None = None
         #: fh -> OpenFile of every spare not yet taken nor released (dropped ones until their release)
         self._spare_files: dict[int, OpenFile] = {}
         self._spare_kind = ""
-        self._spare_caller: tuple[int, Caller, int] = (0, Caller(0, 0, 0), 0)
-        #: bumped when the spares are dropped: a spare still being opened then is not kept
-        self._spare_gen = 0
-        self._closing = False
-        self._refill: asyncio.Task[None] | None = None
+        #: whether the last close of our node's file waits for its RELEASE (CUSE); None: not known yet
+        self._sync_release: bool | None = None
+        #: closes of ours in flight (``close_own``)
+        self.closing: set[asyncio.Future[None]] = set()
+        #: the last spare open answered (read by the pool's thread when its open returns)
+        self._spare_opened: tuple[int, Caller, int] = (0, Caller(0, 0, 0), 0)
         self._warned: set[str] = set()
         from ..tracing.inject import Injector
 
@@ -280,107 +282,96 @@ class EmulatedDevice:
     async def open_own(self, kind: str, bound: Any) -> int:
         """An fd of ours on our own node whose open file has ``kind`` and ``bound`` (see the Protocol).
 
-        Taken from the spare pool (a file opened earlier, bound now): no open
-        round trip on the caller's path.  With the pool empty, one is opened
-        first (in a worker thread, the loop serves it).  The pool is refilled
-        in the background.  The file carries its tag (``FileTags``) from birth.
+        A spare (``SparePool``: opened earlier by the pool's thread, tagged,
+        unbound) is bound now, so the caller does not wait for an open round
+        trip; with none ready this waits for the refill.  The file is seen by the
+        interceptors (traces) as opened now.
         """
         if self.node_path is None:
             raise fail(errno.EOPNOTSUPP)
         if kind not in self.kinds:
             raise ValueError(f"{self.profile.name} has no kind {kind!r}")
         self._spare_kind = kind
-        while not self._spares:
-            await self._add_spare()
-        fd, fh, caller, flags = self._spares.pop()
-        f = self._spare_files.pop(fh)
+        pool = self.spares
+        if pool is None:
+            pool = self.spares = SparePool(self._open_spare_in_thread, self.tags.tag, self.spare_target)
+        s = pool.take() or await pool.get()
+        f = self._spare_files.pop(s.fh)
         k = f.table = self.kinds[kind]
         f.kind, f.bound = kind, bound
         if k.exclusive and kind in self.holders:  # as open() refuses it
-            self._spare_files[fh] = f
-            self._spares.append((fd, fh, caller, flags))
+            self._spare_files[s.fh] = f
+            pool.give_back(s)
             for m in self.chain:
-                m.opened(caller, flags, 0, errno.EBUSY)
+                m.opened(s.caller, s.flags, 0, errno.EBUSY)
             raise fail(errno.EBUSY)
-        self.files[fh] = f
+        self.files[s.fh] = f
         if k.exclusive:
             self.holders[kind] = f
-        for m in self.chain:  # seen now, as if opened now: traces show one open per file handed out
-            m.opened(caller, flags, fh, 0)
-        self._schedule_refill()
-        return fd
+        for m in self.chain:
+            m.opened(s.caller, s.flags, s.fh, 0)
+        return s.fd
 
-    #: spare own-node opens kept ready (each costs an fd and an open file of our node)
-    spare_target = 4
+    #: spare own-node opens kept ready (each holds an fd and an open file of our node)
+    spare_target = 8
+
+    def close_own(self, fd: int) -> None:
+        """Close our copy ``fd`` of a file handed out, before the trapped call is answered.
+
+        On the FUSE file a RELEASE never blocks the close (the kernel sends it in the
+        background): closed here and now.  On CUSE the last reference's close waits
+        for the RELEASE, which only the loop answers: closed by the pool's closing
+        thread, and the runtime waits for it (``closes_done``) before it answers, so
+        that a caller closing its fd right after sees the release at once, as with
+        the kernel."""
+        if self._sync_release is False:
+            os.close(fd)
+            return
+        fut = self.spares.close(fd, wait=True) if self.spares is not None else None
+        if fut is None:
+            _close_later(fd)
+            return
+        self.closing.add(fut)
+        fut.add_done_callback(self.closing.discard)
+
+    async def closes_done(self) -> None:
+        """Until every close of ours in flight (``close_own``) is done."""
+        while self.closing:
+            await asyncio.wait(list(self.closing))
 
     def _open_spare(self, caller: Caller, flags: int) -> int:
         """open() of a spare (on the loop): an unbound file outside ``files``, the chain never hears of it."""
         fh = self._next_fh
         self._next_fh += 1
         self._spare_files[fh] = OpenFile(fh, self.kinds[self._spare_kind], None, self)
-        self._spare_caller = (fh, caller, flags)
+        self._spare_opened = (fh, caller, flags)
         return fh
 
-    def _open_in_worker(self, path: str) -> int:
-        self._own_tid = threading.get_native_id()
-        try:
-            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        finally:
-            self._own_tid = 0
-
-    async def _add_spare(self) -> None:
-        """Open one spare (announced like every own-open; one at a time) and tag it."""
-        if self._own_lock is None:
-            self._own_lock = asyncio.Lock()
+    def _open_spare_in_thread(self) -> Spare:
+        """In the pool's thread: open our node, announced as a spare (one open at a time)."""
         path = self.session_node_path or self.node_path
-        assert path is not None
-        gen = self._spare_gen
-        async with self._own_lock:
-            self._own = ("", None)
-            opening = asyncio.get_running_loop().run_in_executor(None, self._open_in_worker, path)
-            try:
-                fd = await asyncio.shield(opening)
-            except asyncio.CancelledError:  # shutdown: the open still completes; close what it gives
-                opening.add_done_callback(_close_result)
-                raise
-            finally:
-                self._own = None
-            fh, caller, flags = self._spare_caller
-        if gen != self._spare_gen:  # dropped meanwhile (kexec, shutdown): not for use
-            _close_later(fd)
-            return
-        self.tags.tag(fd, fh)  # local to the kernel: no request to us (see FileTags)
-        self._spares.append((fd, fh, caller, flags))
-
-    def _schedule_refill(self) -> None:
-        if not self._closing and (self._refill is None or self._refill.done()):
-            self._refill = asyncio.ensure_future(self._fill_spares())
-
-    async def _fill_spares(self) -> None:
+        if path is None:
+            raise fail(errno.EOPNOTSUPP)
+        self._own_tid = threading.get_native_id()
+        self._own = ("", None)
         try:
-            while len(self._spares) < self.spare_target and self.node_path is not None:
-                await self._add_spare()
-        except OSError as e:
-            log.warning("spare open of the node failed: %s", e)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            self._own, self._own_tid = None, 0
+        fh, caller, flags = self._spare_opened
+        if self._sync_release is None:  # a CUSE node is a char device; the FUSE file is a regular file
+            self._sync_release = stat.S_ISCHR(os.fstat(fd).st_mode)
+        return Spare(fd, fh, caller, flags)
 
     def _drop_spares(self) -> None:
-        """Close every spare (kexec, shutdown); their releases stay unseen.  Closed off the loop:
-        on CUSE the close waits for a RELEASE that only the loop answers."""
-        self._spare_gen += 1
-        spares, self._spares = self._spares, []
-        for fd, *_ in spares:
-            _close_later(fd)
+        """kexec: every spare is closed (their releases stay unseen) and replaced by the next refill."""
+        if self.spares is not None:
+            self.spares.drop()
 
     async def close_spares(self) -> None:
-        """Shutdown: stop refilling and close the spares (waiting for the closes)."""
-        if self._refill is not None:
-            self._refill.cancel()
-            self._refill = None
-        self._spare_gen += 1
-        self._closing = True  # no more refills
-        spares, self._spares = self._spares, []
-        if spares:
-            await asyncio.get_running_loop().run_in_executor(None, _close_all, [fd for fd, *_ in spares])
+        """Shutdown: close the spares and end the pool's thread."""
+        if self.spares is not None:
+            await self.spares.stop()
 
     def _is_own(self, caller: Caller) -> bool:
         """Whether the request comes from a thread of this process (our own worker)."""
@@ -413,54 +404,30 @@ class EmulatedDevice:
         finally:
             del self.trapped[t.cookie]
 
-    def run_tagged(self, fh: int, cmd: int, t: TrappedCall) -> int | asyncio.Future[int]:
+    def run_tagged(self, fh: int, cmd: int, t: TrappedCall) -> int | asyncio.Future[Any]:
         """Run trapped call ``t`` on our open file ``fh`` right here on the loop (the fast path: the
-        caller's fd carries ``fh``'s tag); 0 or the errno, or a future of it when the handler
-        completes later.  The same path as a re-issued call, without the trip through the kernel."""
+        caller's fd carries ``fh``'s tag): 0 or the errno, or the handler's future when it completes
+        later (``t.task``; ``t`` stays registered until then).  The same path as a re-issued call,
+        without the trip through the kernel."""
         self.trapped[t.cookie] = t
+        err = 0
         try:
-            res = self._trapped_ioctl(t, fh, cmd)
+            self._trapped_ioctl(t, fh, cmd)
         except OSError as e:
-            del self.trapped[t.cookie]
-            return e.errno or errno.EIO
+            err = e.errno or errno.EIO
         except Exception:
-            del self.trapped[t.cookie]
             log.exception("trapped call on fh %d failed", fh)
-            return errno.EIO
-        if type(res) is int or not inspect.isawaitable(res):
+            err = errno.EIO
+        task = t.task
+        if task is None:
             del self.trapped[t.cookie]
-            return 0
-        return asyncio.ensure_future(self._finish_tagged(res, t))
-
-    async def _finish_tagged(self, res: Awaitable[int], t: TrappedCall) -> int:
-        try:
-            await res
-            return 0
-        except asyncio.CancelledError:
-            if t.cancelled:  # the caller died: its answer is read by nobody
-                return errno.EINTR
-            raise
-        except OSError as e:
-            return e.errno or errno.EIO
-        except Exception:
-            log.exception("trapped call failed")
-            return errno.EIO
-        finally:
-            del self.trapped[t.cookie]
+            return err
+        task.add_done_callback(lambda _f: self.trapped.pop(t.cookie, None))
+        return task
 
 
 def _around(member: Interceptor, run: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: member.kexec(run)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _close_result(opening: asyncio.Future[int]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        _close_later(opening.result())
 
 
 def _close_later(fd: int) -> None:

@@ -20,17 +20,22 @@ SYS_PIDFD_GETFD = 438
 
 def status_values(tid: int, keys: tuple[bytes, ...]) -> dict[bytes, int]:
     """Integer fields (``b"Tgid:"``, ``b"FDSize:"``...) of /proc/<tid>/status; ESRCH if gone."""
-    out: dict[bytes, int] = {}
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(keys):
-                    out[line.split(b":", 1)[0] + b":"] = int(line.split()[1])
-                    if len(out) == len(keys):
-                        return out
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        pass
-    raise ProcessLookupError(errno.ESRCH, "no such process")
+        raise ProcessLookupError(errno.ESRCH, "no such process") from None
+    try:
+        text = os.read(fd, 16384)  # one read: the kernel formats the whole file anyway
+    finally:
+        os.close(fd)
+    out: dict[bytes, int] = {}
+    for key in keys:
+        i = text.find(b"\n" + key)
+        if i < 0:
+            raise ProcessLookupError(errno.ESRCH, "no such process")
+        i += len(key) + 1
+        out[key] = int(text[i:text.find(b"\n", i)])
+    return out
 
 
 def tgid_of(tid: int) -> int:

@@ -122,6 +122,10 @@ class DeviceServices(Protocol):
         ``bound``; exclusive open does not apply.  Awaited by a handler; the caller closes it."""
         ...
 
+    def close_own(self, fd: int) -> None:
+        """Close our fd ``fd`` (from ``open_own``) off the loop: it may be a last CUSE reference."""
+        ...
+
 
 class OpenFileContext(Protocol):
     """An open file of the emulator, as a handler sees it (``cusedev.device.openfiles.OpenFile``)."""

@@ -12,9 +12,7 @@ node, of kind ``"session"``, bound to its LUO session.
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -81,9 +79,9 @@ def _install(file: Any, caller: Any, inst: Any, fd: int) -> int:
 async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None]) -> Out:
     """Open our own node as a session file bound to ``s``, install it in the caller, close our copy.
 
-    Our copy is closed from a worker thread: if it is the last reference (the caller died, or the
-    install failed), the close waits for the kernel's RELEASE, which on CUSE is synchronous and is
-    answered by this very loop.
+    Our copy is closed by the device's ``close_own``, which never blocks the loop: if it is the last
+    reference (the caller died, or the install failed), the close waits for the kernel's RELEASE,
+    which on CUSE is synchronous and is answered by this very loop.
     """
     try:
         ours = await file.device.open_own("session", s)
@@ -93,7 +91,7 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
     try:
         newfd = _install(file, caller, inst, ours)
     finally:
-        asyncio.get_running_loop().run_in_executor(None, os.close, ours)  # its release undoes the session
+        file.device.close_own(ours)  # its release undoes the session
     return {"fd": newfd}
 
 
