@@ -275,3 +275,45 @@ def test_v3_recording_diffs_equal_and_replays(emulator: ServerProc, tmp_path: Pa
                            text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "0 divergences" in r.stdout
+
+
+#: the same memfd handed in under two numbers (EBUSY the second time, by inode), and an O_PATH fd of the device
+SAME_FILE_CLIENT = r'''
+import os, sys
+from cusedev.profiles.session.client import SessionDevice
+dev = SessionDevice(sys.argv[1])
+a, b = dev.create_session("a"), dev.create_session("b")
+m = os.memfd_create("x"); os.write(m, b"data")
+a.preserve(m, 1)
+m2 = os.dup(m)
+try: b.preserve(m2, 2)
+except OSError as e: assert e.errno == 16, e
+p = os.open(sys.argv[1], os.O_PATH)
+try: b.preserve(p, 3)
+except OSError as e: assert e.errno == 9, e
+print("client done")
+'''
+
+
+@pytest.mark.parametrize("emulator", [("--abi", "7.2", "--no-sysfs")], indirect=True)
+def test_handed_in_files_carry_dev_ino_and_o_path(emulator: ServerProc, tmp_path: Path, transport_name: str,
+                                                   public_dir: Path) -> None:
+    """A file handed to PRESERVE_FD is recorded with its dev and ino, an O_PATH fd as ``opath`` (not as the
+    file it names): the replay then stands in one file for one file, whatever its numbers were."""
+    client = tmp_path / "client.py"
+    client.write_text(SAME_FILE_CLIENT)
+    rec = tmp_path / "rec.jsonl"
+    p = _record(rec, *CLI, "run", "--device", emulator.device, "--", sys.executable, str(client), emulator.device,
+                device=emulator.device)
+    assert p.returncode == 0 and "client done" in p.stdout, p.stdout + p.stderr
+    files = [(r["file"], r.get("err")) for r in read_records(str(rec)) if r.get("type") == "ioctl" and "file" in r]
+    assert [(f["kind"], err) for f, err in files] == [("shmem", None), ("shmem", "EBUSY"), ("opath", "EBADF")]
+    (first, _), (again, _), (opath, _) = files
+    assert (first["dev"], first["ino"]) == (again["dev"], again["ino"])  # one file under two numbers
+    node = os.stat(emulator.device)
+    assert (opath["dev"], opath["ino"]) == (node.st_dev, node.st_ino)
+    with ServerProc(str(public_dir / "replay"), transport_name, "--abi", "7.2", "--no-sysfs") as srv:
+        srv.start()
+        r = subprocess.run([*CLI, "run", "--device", srv.device, "--", *CLI, "trace", "replay", str(rec),
+                            "--device", srv.device, "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith(": 0 divergences"), r.stdout + r.stderr

@@ -379,7 +379,11 @@ class Recorder:
         if link.startswith(_SESSION_LINK):
             return {"kind": "session", "name": link[len(_SESSION_LINK):]}
         if fd_flags(tid, fd) & os.O_PATH:  # no open file to hand over, whatever it names (an emulator says so)
-            return {"kind": "opath"}
+            try:
+                st = os.stat(f"/proc/{tid}/fd/{fd}")
+                return {"kind": "opath", "ino": st.st_ino, "dev": st.st_dev}
+            except OSError:
+                return {"kind": "opath"}
         f = self.classify(tid, fd)
         if f is not None:
             return {"kind": f.on, **({"name": f.session} if f.session is not None else {})}
@@ -387,10 +391,9 @@ class Recorder:
             ours = pidfd.getfd(tid, fd)
         except OSError:
             return {"kind": "opath"} if os.path.exists(f"/proc/{tid}/fd/{fd}") else {"kind": "none"}
-        info = describe_file(ours)  # closes ours before the tracee runs on; small contents kept for replay
-        info.pop("ino", None)
-        info.pop("dev", None)
-        return info
+        # closes ours before the tracee runs on; small contents, dev and ino kept for replay (the same file
+        # handed in twice is one stand-in)
+        return describe_file(ours)
 
     # -- syscalls --------------------------------------------------------------------------------------
     def on_entry(self, tid: int, arch: int, nr: int, args: tuple[int, ...]) -> None:

@@ -276,8 +276,9 @@ class SessionReplayer:
             for fh, k in self.kind.items():
                 if k == "device":
                     return self.fds[fh]
-        # one stand-in per recorded file: by dev/ino (`serve --trace`), else (`trace record`) by the number it
-        # had and what it held (a file preserved twice must be the same file twice: EBUSY)
+        # one stand-in per recorded file: by dev/ino (`serve --trace`, `trace record`), else (a trace recorded
+        # before `trace record` kept them) by the number it had and what it held (a file preserved twice must
+        # be the same file twice: EBUSY)
         if info.get("ino") is not None:
             key: tuple = (kind, info.get("dev"), info.get("ino"))
         else:
