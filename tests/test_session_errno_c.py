@@ -27,7 +27,8 @@ from session_emulator import SessionEmulator  # noqa: E402
 _BOTH_1 = [
     "dev_nr_out_of_range_einval", "dev_size_unreadable_efault", "dev_cmd_mismatch_enotty",
     "dev_size_below_min_einval", "dev_tail_e2big_zero_tail_ok", "dev_struct_fault_efault",
-    "create_copyout_fault_efault", "create_ok_struct_and_fd", "create_emfile_first", "create_empty_name",
+    "create_copyout_fault_efault", "dev_exclusive_open_ebusy", "files_reopen_and_read_write",
+    "create_ok_struct_and_fd", "create_emfile_first", "create_empty_name",
     "create_no_nul_in_64", "create_63_bytes_ok", "create_duplicate_eexist", "retrieve_before_update_enoent",
     "sess_nr_out_of_range_einval", "sess_size_unreadable_efault", "sess_cmd_mismatch_enotty",
     "sess_size_below_min_einval", "sess_tail_e2big_zero_tail_ok", "sess_kind_outgoing",

@@ -1,5 +1,5 @@
 /*
- * Every errno rule of the session ABI (spec luo-session.md sections 3, 4, 5, 7, 11 and 12) from a
+ * Every errno rule of the session ABI (spec luo-session.md sections 2-7, 11 and 12) from a
  * compiled caller: the same binary judges the emulator (profiles 6.19 and 7.2, under `cusedev run`)
  * and the real kernel (7.2), so a row that passes on both says the emulator answers as the kernel does.
  *
@@ -66,6 +66,7 @@ static const char *ename(int e)
 	case ENOSPC: return "ENOSPC";
 	case ENOMEM: return "ENOMEM";
 	case EPERM: return "EPERM";
+	case ENXIO: return "ENXIO";
 	}
 	snprintf(other, sizeof(other), "errno %d", e);
 	return other;
@@ -366,6 +367,48 @@ static void retrieve_fd_copyout_fault_efault(void)
 		fail("the retrieved memfd lost its data");
 	close(fd);
 	want("FINISH", fin(s, 0), 0);
+	close_settle(s);
+}
+
+/* ======================================= stage 1: the device and a session as files (2, 6) ======== */
+/* One open file at a time: a second open, a /proc re-open, gives EBUSY; O_PATH never reaches the driver. */
+static void dev_exclusive_open_ebusy(void)
+{
+	char proc[64];
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", dev);
+	int fd = open(path, O_RDWR | O_CLOEXEC), e = fd < 0 ? errno : 0;
+	want("a second open", e, EBUSY);
+	if (fd >= 0)
+		close_settle(fd);
+	fd = open(proc, O_RDWR | O_CLOEXEC), e = fd < 0 ? errno : 0;
+	want("a re-open through /proc", e, EBUSY);
+	if (fd >= 0)
+		close_settle(fd);
+	fd = open(path, O_PATH | O_CLOEXEC), e = fd < 0 ? errno : 0;
+	want("an O_PATH open", e, 0);
+	if (fd >= 0) {
+		create_t c = named("cerr-opath");
+		want("CREATE on the O_PATH fd", call(fd, CREATE, &c), EBADF);
+		close(fd);
+	}
+}
+
+/* A session fd is an anonymous file: no re-open (ENXIO); read and write are EINVAL on both kinds. */
+static void files_reopen_and_read_write(void)
+{
+	int s = session(CREATE, "cerr-file-ops");
+	if (s < 0)
+		return;
+	char proc[64], b = 0;
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", s);
+	int fd = open(proc, O_RDWR | O_CLOEXEC), e = fd < 0 ? errno : 0;
+	want("a re-open of a session fd through /proc", e, ENXIO);
+	if (fd >= 0)
+		close_settle(fd);
+	want("read on the device", read(dev, &b, 1) < 0 ? errno : 0, EINVAL);
+	want("write on the device", write(dev, &b, 1) < 0 ? errno : 0, EINVAL);
+	want("read on a session fd", read(s, &b, 1) < 0 ? errno : 0, EINVAL);
+	want("write on a session fd", write(s, &b, 1) < 0 ? errno : 0, EINVAL);
 	close_settle(s);
 }
 
@@ -932,8 +975,13 @@ static void hold_and_exit(void)
 	dup2(null, 2);
 	if (chdir("/"))
 		_exit(1);
-	for (;;)
-		pause();
+	/* Held until the kexec ends it, or until the sessions' server is gone (an emulator stopped after
+	 * a failed stage: the FUSE or CUSE file then answers ENOTCONN or ENODEV, a live one EINVAL). */
+	for (;;) {
+		sleep(1);
+		if (!nheld || (ioctl(held[0], IO(0x7f), NULL) < 0 && errno != EINVAL))
+			_exit(0);
+	}
 }
 
 int main(int argc, char **argv)
@@ -967,6 +1015,8 @@ int main(int argc, char **argv)
 		ROW(dev_tail_e2big_zero_tail_ok);
 		ROW(dev_struct_fault_efault);
 		ROW(create_copyout_fault_efault);
+		ROW(dev_exclusive_open_ebusy);
+		ROW(files_reopen_and_read_write);
 		ROW(create_ok_struct_and_fd);
 		ROW(create_emfile_first);
 		ROW(create_empty_name);
