@@ -194,7 +194,7 @@ class FileTags:
 
     @staticmethod
     def _locks(path: str) -> list[tuple[bytes, int, int]]:
-        """(inode, start, end) of the OFD locks an fdinfo file lists; none if unreadable."""
+        """(inode, start, end) of the locks an fdinfo file lists (end -1: to EOF); none if unreadable."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -207,11 +207,10 @@ class FileTags:
             os.close(fd)
         out = []
         for line in text.split(b"\n"):
-            if line.startswith(b"lock:") and b" OFDLCK " in line:
+            if line.startswith(b"lock:"):
                 parts = line.split()
-                if len(parts) >= 3 and parts[-1] != b"EOF":
-                    try:
-                        out.append((parts[-3], int(parts[-2]), int(parts[-1])))
-                    except ValueError:
-                        continue
+                try:
+                    out.append((parts[-3], int(parts[-2]), -1 if parts[-1] == b"EOF" else int(parts[-1])))
+                except (IndexError, ValueError):
+                    out.append((b"", 0, -1))  # a lock all the same
         return out
