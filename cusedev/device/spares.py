@@ -96,13 +96,12 @@ class SparePool:
         self.ready.append(s)
 
     def close(self, fd: int, wait: bool = False) -> asyncio.Future[None] | None:
-        """Close our fd ``fd`` in the closing thread; with ``wait``, a future done once it is closed."""
-        loop = asyncio.get_running_loop()
+        """Close our fd ``fd`` in the closing thread; with ``wait`` (on the loop), a future done once it
+        is closed.  Without, any thread may call it (a synchronous kexec)."""
         if self._closer is None:
-            self._closer = threading.Thread(target=self._close_work, args=(loop,), name="cusedev-closes",
-                                            daemon=True)
+            self._closer = threading.Thread(target=self._close_work, name="cusedev-closes", daemon=True)
             self._closer.start()
-        fut = loop.create_future() if wait else None
+        fut = asyncio.get_running_loop().create_future() if wait else None
         self._closes.put((fd, fut))
         return fut
 
@@ -180,7 +179,7 @@ class SparePool:
                 for s in batch:
                     os.close(s.fd)
 
-    def _close_work(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _close_work(self) -> None:
         while True:
             job = self._closes.get()
             if job is None:
@@ -192,7 +191,7 @@ class SparePool:
                 log.warning("close of our fd %d: %s", fd, e)
             if fut is not None:
                 try:
-                    loop.call_soon_threadsafe(_set_done, fut)
+                    fut.get_loop().call_soon_threadsafe(_set_done, fut)
                 except RuntimeError:  # the loop is closed
                     pass
 
