@@ -4,8 +4,8 @@
 non-zero tails, NULL and half-unmapped pointers, names (empty, 63, 64 bytes
 without a NUL, junk after the NUL), tokens, fds of every kind handed to
 PRESERVE_FD, device commands on session fds and the reverse, kind mismatches,
-repeated RETRIEVE/FINISH, closes, re-opens of the device through /proc, dup, fds used by a
-forked child and passed over SCM_RIGHTS — against one device path.  A sequence
+repeated RETRIEVE/FINISH, closes, re-opens of the device and of session fds through /proc, dup, fds
+used by a forked child and passed over SCM_RIGHTS — against one device path.  A sequence
 is a function of its seed and of the answers so far (a failed call leaves
 fd -1 in its slot; calls go mostly to open slots), so two devices that
 answer alike get the same calls, and the first divergence is where two runs
@@ -237,9 +237,9 @@ class Sequence_:
             if rng.random() < 0.5:
                 self.devs.append(self.open_dev())
             else:
-                # the device only: a session fd's /proc re-open is a documented deviation (ENXIO on the
-                # kernel's anon inode, an open of the node on the emulator), and what follows would differ
-                fd = self.pick(rng.choice((self.devs, self.devs)))
+                # the device (EBUSY while held) or a session fd (ENXIO: the kernel's anon inode has no open,
+                # nor has the emulator's session node)
+                fd = self.pick(rng.choice((self.devs, self.sessions)))
                 try:
                     self.devs.append(os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC) if fd >= 0 else -1)
                 except OSError:
