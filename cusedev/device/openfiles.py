@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from .. import profiles
@@ -207,7 +207,7 @@ class EmulatedDevice:
             raise fail(errno.ENODEV)
         return dispatch(f.table, f, caller, cmd, arg, mem)
 
-    def _trapped_ioctl(self, t: TrappedCall, fh: int, cmd: int) -> int | Awaitable[int]:
+    def _trapped_ioctl(self, t: TrappedCall, fh: int, cmd: int, eager: bool = False) -> int | Awaitable[int]:
         t.fh = fh
         if t.cancelled:
             raise fail(errno.EINTR)
@@ -220,6 +220,12 @@ class EmulatedDevice:
                 raise fail(errno.ENODEV)
             res = dispatch(f.table, f, t.caller, cmd, t.arg, t.memory)
         if type(res) is not int and inspect.isawaitable(res):
+            if eager and inspect.iscoroutine(res):  # run it now up to its first real wait
+                try:
+                    step = res.send(None)
+                except StopIteration as done:
+                    return int(done.value or 0)
+                res = _Started(res, step).run()
             t.task = asyncio.ensure_future(res)
             return t.task
         return res
@@ -412,7 +418,7 @@ class EmulatedDevice:
         self.trapped[t.cookie] = t
         err = 0
         try:
-            self._trapped_ioctl(t, fh, cmd)
+            self._trapped_ioctl(t, fh, cmd, eager=True)
         except OSError as e:
             err = e.errno or errno.EIO
         except Exception:
@@ -428,6 +434,37 @@ class EmulatedDevice:
 
 def _around(member: Interceptor, run: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: member.kexec(run)
+
+
+class _Started:
+    """A coroutine already run by hand up to a wait (``step``, what it yielded), finished as a task.
+
+    Awaiting ``run()`` hands ``step`` to the task, which waits for it (and on
+    cancel cancels it) exactly as if the coroutine had run in the task from the
+    start: the handler of a trapped call needs no loop turn when it never waits.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], step: Any):
+        self.coro, self.step = coro, step
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        step = self.step
+        while True:
+            try:
+                yield step
+            except BaseException as e:  # thrown in by the task (a cancel)
+                try:
+                    step = self.coro.throw(e)
+                except StopIteration as done:
+                    return done.value
+                continue
+            try:
+                step = self.coro.send(None)
+            except StopIteration as done:
+                return done.value
+
+    async def run(self) -> Any:
+        return await self
 
 
 def _close_later(fd: int) -> None:
