@@ -176,6 +176,17 @@ def scenario_client_locks(path: str) -> dict[str, Any]:
     return facts
 
 
+def scenario_recreate(path: str) -> dict[str, Any]:
+    """Create, close, create the same name again at once: our copy was closed before the answer."""
+    dev = SessionDevice(path)
+    results = []
+    for _ in range(50):
+        s = dev.create_session("again")
+        s.close()  # the last reference: our copy is closed already
+        results.append(_errno(lambda: dev.create_session("again").close()))
+    return {"recreate": sorted(set(results))}
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     n.removeprefix("scenario_"): fn for n, fn in globals().items() if n.startswith("scenario_")
 }
@@ -301,6 +312,25 @@ def test_client_ofd_locks_break_nothing(emu: Any) -> None:
         "create_tagged": "locked-4", "session_lock_lines": 1, "preserve_under_lock": "ok",
         "name_under_lock": "locked-1", "session_lines_after_unlock": 0, "create_still": "locked-5",
     }  # fmt: skip
+
+
+def test_recreate_after_close(emu: Any) -> None:
+    assert _run(emu, "recreate") == {"recreate": ["ok"]}
+
+
+@pytest.mark.parametrize("sync_release", [False, True])
+def test_closing_thread_path(sync_release: bool) -> None:
+    """The CUSE way of closing our copies (a closing thread, awaited before the answer), run on the
+    host's FUSE file by forcing it on an in-process emulator; and the FUSE file's inline close.
+    Both must hand out, release and re-create sessions and leave no close in flight."""
+    from session_emulator import SessionEmulator
+
+    with SessionEmulator("7.2", in_process=True) as e:
+        device = e._server.handler
+        device._sync_release = sync_release  # else learnt from the node's type at the first spare
+        assert _run(e, "recreate") == {"recreate": ["ok"]}
+        assert _run(e, "copies")["released_after_child"] == "ok"
+        assert device.closing == set()
 
 
 def test_spares_replaced_at_kexec_and_no_fd_leaks(emu: Any) -> None:
