@@ -36,6 +36,9 @@ OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "
 SESSION_OPS = ("get_name", "preserve", "create")
 SESSION_LABEL = {"get_name": "7.2 GET_NAME", "preserve": "7.2 PRESERVE_FD (new memfd)",
                  "create": "7.2 CREATE_SESSION (trap)"}
+#: the kernel's floor of a trapped fd-returning call (bench/seccomp_floor.c), measured beside the session rows
+FLOOR_MODES = ("plain", "pvm")
+FLOOR_LABEL = {"plain": "C seccomp ADDFD floor", "pvm": "C seccomp ADDFD+pvm floor"}
 SESSION_ABI = "7.2"
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 # free: the scheduler decides (on 2 vCPUs it either keeps both on one CPU or splits them, run by
@@ -58,12 +61,18 @@ def build(out: Path) -> tuple[Path, Path]:
 
 
 def build_session(out: Path) -> Path:
-    """gcc the session-ABI client (its own header: luo_session.h and luo_v3.h share names)."""
+    """gcc the session-ABI client (its own header: luo_session.h and luo_v3.h share names) and the
+    seccomp floor (bench/seccomp_floor.c, ``floor_exe``) beside it."""
     client = out / "session_client"
     if not client.exists():
-        subprocess.run(["gcc", "-O2", "-Wall", "-I", str(REPO / "cdefs"), "-o", str(client),
-                        str(REPO / "bench/session_client.c")], check=True)
+        for name in ("session_client", "seccomp_floor"):
+            subprocess.run(["gcc", "-O2", "-Wall", "-I", str(REPO / "cdefs"), "-o", str(out / name),
+                            str(REPO / f"bench/{name}.c")], check=True)
     return client
+
+
+def floor_exe(session_client: Path) -> Path:
+    return session_client.parent / "seccomp_floor"
 
 
 def cusedev_run(device: str) -> list[str]:
@@ -233,6 +242,11 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
                     res = run_client(sclient, "lat", sdev, op, n["session_" + op], cpus=client_cpus,
                                      wrap=cusedev_run(sdev))
                     raw.setdefault(placement, {}).setdefault("session", {}).setdefault(op, []).append(res)
+                # the kernel's part of a trapped call: a C supervisor answering with ADDFD + SEND
+                split = [ALL_CPUS[-1]] if placement == "split" else []
+                for mode in FLOOR_MODES:
+                    res = run_client(floor_exe(sclient), n["session_create"], mode, *split, cpus=client_cpus)
+                    raw[placement]["session"].setdefault("floor_" + mode, []).append(res)
             log(f"latency run {r + 1}/{runs} {placement}: GET_STATE median " + ", ".join(
                 f"{name} {raw[placement][name]['get_state'][-1]['median_us']} µs" for name in servers))
     for pid, _dev in servers.values():
@@ -267,6 +281,14 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             for row in srows.values():
                 row["ratio_vs_v3_get_state"] = round(row["median_us"] / v3, 2)
                 row["ratio_vs_get_name"] = round(row["median_us"] / plain, 2)
+            base = out[placement]["get_state"].get("baseline")
+            for mode in FLOOR_MODES:
+                floor = srows.get("floor_" + mode)
+                if floor:  # the emulator's trapped call over the kernel's floor; that floor over a C round trip
+                    create = srows["create"]
+                    create["ratio_vs_floor_" + mode] = round(create["median_us"] / floor["median_us"], 2)
+                    if base:
+                        floor["ratio_vs_c_baseline"] = round(floor["median_us"] / base["median_us"], 2)
     return out
 
 
@@ -393,7 +415,17 @@ def table(res: dict[str, Any]) -> str:
                 r = srows[op]
                 lines.append(f"{placement:<8} {SESSION_LABEL[op]:<28} {r['median_us']:>9.1f} / {r['p99_us']:>8.1f} "
                              f"{r['ratio_vs_v3_get_state']:>14.2f}x {r['ratio_vs_get_name']:>10.2f}x "
-                             f"{r['ioctls_per_s']:>8.0f}")
+                             f"{r['ioctls_per_s']:>8.0f}"
+                             + "".join(f"  {r['ratio_vs_floor_' + m]:.2f}x {m} floor"
+                                       for m in FLOOR_MODES if "ratio_vs_floor_" + m in r))
+            for mode in FLOOR_MODES if srows else ():
+                r = srows.get("floor_" + mode)
+                if r:
+                    lines.append(f"{placement:<8} {FLOOR_LABEL[mode]:<28} {r['median_us']:>9.1f} / {r['p99_us']:>8.1f} "
+                                 f"{r['ratio_vs_v3_get_state']:>14.2f}x {r['ratio_vs_get_name']:>10.2f}x "
+                                 f"{r['ioctls_per_s']:>8.0f}"
+                                 + (f"  {r['ratio_vs_c_baseline']:.2f}x C baseline" if "ratio_vs_c_baseline" in r
+                                    else ""))
     if res.get("session_kexec"):
         lines.append("")
         lines.append(f"{'7.2 carried':<30} {'hold ms':>8} {'kexec ms':>9} {'restore ms':>10} "
