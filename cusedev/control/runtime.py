@@ -61,6 +61,8 @@ class Runtime:
     def _forget(self, sup: Supervisor) -> None:
         if sup in self.supervisors:
             self.supervisors.remove(sup)
+        # the fdinfo files kept for its clients' next calls go with it (reopened on demand by others)
+        self.device.tags.close()
 
     async def stop(self) -> None:
         for sup in list(self.supervisors):
@@ -70,6 +72,7 @@ class Runtime:
             w.cancel()
         await self.control.stop()
         await self.device.close_spares()
+        self.device.tags.close()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -205,7 +208,7 @@ class Runtime:
         meanwhile, the call is cancelled.
         """
         fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
-        fh = self.device.tags.lookup(f"/proc/{n.pid}/fdinfo/{fd}") if fd >= 0 else None
+        fh = self.device.tags.lookup_fd(n.pid, fd) if fd >= 0 else None
         if fh is not None:
             call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])
             res = self.device.run_tagged(fh, n.args[1], call)

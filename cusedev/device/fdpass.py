@@ -22,6 +22,7 @@ import os
 import resource
 import secrets
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,20 +62,26 @@ class SeccompInstaller:
         self.n = notification
 
     def reserve(self, caller: Caller) -> None:
-        """The kernel takes an fd number before any check: EMFILE when the table is full."""
+        """The kernel takes an fd number before any check: EMFILE when the table is full.
+
+        Exact, and cheap in the common case: the limit is per process (``prlimit`` takes a
+        thread id), and when the highest number it allows is free in the calling thread's fd
+        table (``/proc/<tid>/fdinfo/<limit-1>`` absent: one failed lookup), the kernel finds a
+        free number below the limit.  Only a table using that very number costs the reads below."""
+        tid = caller.tid
         try:
-            st = pidfd.status_values(caller.tid, (b"Tgid:", b"FDSize:"))
-            tgid = st[b"Tgid:"]
-            soft, _hard = resource.prlimit(tgid, resource.RLIMIT_NOFILE)
+            soft, _hard = resource.prlimit(tid, resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY or not os.access(f"/proc/{tid}/fdinfo/{soft - 1}", os.F_OK):
+                return
             # Every fd number from the table's size up is free: if that size is below the limit a
             # number is left, and the O(open fds) listing below (quadratic over a restore-all of
             # thousands of fds) is not needed.
-            if soft == resource.RLIM_INFINITY or st[b"FDSize:"] < soft:
+            if pidfd.status_values(tid, (b"FDSize:",))[b"FDSize:"] < soft:
                 return
-            used = len(os.listdir(f"/proc/{tgid}/fd"))
+            used = len(os.listdir(f"/proc/{tid}/fd"))
         except OSError:
             return
-        if soft != resource.RLIM_INFINITY and used >= soft:
+        if used >= soft:
             raise fail(errno.EMFILE)
 
     def install(self, caller: Caller, fd: int) -> int:
@@ -154,10 +161,15 @@ class FileTags:
     for ours, and the lock's inode must be one of the nodes we tagged.
     """
 
+    #: open fdinfo files kept for the next call (a client calls on the same few fds again and again)
+    FDINFO_CACHE = 16
+
     def __init__(self) -> None:
         self.instance = secrets.randbelow((1 << 30) - 1) + 1
         #: b"MAJ:MIN:INO" of the nodes whose files we tagged (the fdinfo spelling of an inode)
         self.nodes: set[bytes] = set()
+        #: (tid, fd) -> our open /proc/<tid>/fdinfo/<fd>, most recent last (``lookup_fd``, loop thread only)
+        self._fdinfo: OrderedDict[tuple[int, int], int] = OrderedDict()
 
     def tag(self, fd: int, fh: int, fresh: bool = False) -> bool:
         """Lock one byte naming ``fh`` on ``fd``'s open file; False if it cannot carry a tag.
@@ -192,8 +204,50 @@ class FileTags:
                 return first & ((1 << _FH_BITS) - 1)
         return None
 
-    @staticmethod
-    def _locks(path: str) -> list[tuple[bytes, int, int]]:
+    def lookup_fd(self, tid: int, fd: int) -> int | None:
+        """``lookup`` of thread ``tid``'s fd ``fd``, with one ``pread`` of an fdinfo file kept open.
+
+        A kept fdinfo file shows, at each read, whatever file that fd number holds then (the
+        kernel looks it up anew), and it belongs to the task it was opened for, not to its number:
+        once that task is gone every read fails, so a thread that reuses the number is never read
+        through it; the file is then reopened by path.  On the loop's thread only."""
+        key = (tid, fd)
+        cache = self._fdinfo
+        kept = cache.get(key)
+        text = None
+        if kept is not None:
+            try:
+                text = os.pread(kept, 4096, 0)
+                cache.move_to_end(key)
+            except OSError:
+                del cache[key]
+                os.close(kept)
+        if text is None:
+            try:
+                kept = os.open(f"/proc/{tid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                text = os.read(kept, 4096)
+            except OSError:
+                os.close(kept)
+                return None
+            cache[key] = kept
+            if len(cache) > self.FDINFO_CACHE:
+                os.close(cache.popitem(last=False)[1])
+        for node, first, last in self._parse(text):
+            if first == last and first >> _FH_BITS == self.instance and node in self.nodes:
+                return first & ((1 << _FH_BITS) - 1)
+        return None
+
+    def close(self) -> None:
+        """Close the kept fdinfo files (shutdown)."""
+        cache, self._fdinfo = self._fdinfo, OrderedDict()
+        for kept in cache.values():
+            os.close(kept)
+
+    @classmethod
+    def _locks(cls, path: str) -> list[tuple[bytes, int, int]]:
         """(inode, start, end) of the locks an fdinfo file lists (end -1: to EOF); none if unreadable."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -205,6 +259,10 @@ class FileTags:
             return []
         finally:
             os.close(fd)
+        return cls._parse(text)
+
+    @staticmethod
+    def _parse(text: bytes) -> list[tuple[bytes, int, int]]:
         out = []
         for line in text.split(b"\n"):
             if line.startswith(b"lock:"):
