@@ -207,6 +207,9 @@ class Runtime:
         may need a reply only the loop sends).  If the trapped task dies
         meanwhile, the call is cancelled.
         """
+        # what our nodes have queued came first: a RELEASE of a file the caller closed just before this
+        # call (the FUSE file sends it in the background) is seen before the call runs, as with the kernel
+        self.device.pump()
         fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
         fh = self.device.tags.lookup_fd(n.pid, fd) if fd >= 0 else None
         if fh is not None:

@@ -19,13 +19,14 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import profiles
 from ..libc import fail
 from . import fdpass, pidfd
 from .dispatch import dispatch
+from .eager import Started
 from .fdpass import TrappedCall
 from .intercept import Call, Fault, Interceptor, chain
 from .seam import DEVICE_NODE, Caller, CallerMemory, FdInstaller, einval
@@ -225,7 +226,7 @@ class EmulatedDevice:
                     step = res.send(None)
                 except StopIteration as done:
                     return int(done.value or 0)
-                res = _Started(res, step).run()
+                res = Started(res, step).run()
             t.task = asyncio.ensure_future(res)
             return t.task
         return res
@@ -434,37 +435,6 @@ class EmulatedDevice:
 
 def _around(member: Interceptor, run: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: member.kexec(run)
-
-
-class _Started:
-    """A coroutine already run by hand up to a wait (``step``, what it yielded), finished as a task.
-
-    Awaiting ``run()`` hands ``step`` to the task, which waits for it (and on
-    cancel cancels it) exactly as if the coroutine had run in the task from the
-    start: the handler of a trapped call needs no loop turn when it never waits.
-    """
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], step: Any):
-        self.coro, self.step = coro, step
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        step = self.step
-        while True:
-            try:
-                yield step
-            except BaseException as e:  # thrown in by the task (a cancel)
-                try:
-                    step = self.coro.throw(e)
-                except StopIteration as done:
-                    return done.value
-                continue
-            try:
-                step = self.coro.send(None)
-            except StopIteration as done:
-                return done.value
-
-    async def run(self) -> Any:
-        return await self
 
 
 def _close_later(fd: int) -> None:

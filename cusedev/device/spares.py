@@ -155,6 +155,12 @@ class SparePool:
 
     # -- in the pool's thread ---------------------------------------------------------------------
     def _work(self) -> None:
+        # the lowest priority: on a busy CPU the refill runs when the loop and its clients wait, off the
+        # path of the calls it serves (an OPEN of ours still needs the loop, which outranks us)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
         fresh = False
         while True:
             job = self._jobs.get()

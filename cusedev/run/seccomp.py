@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from .. import uapi
+from ..device import eager
 from ..libc import check, function
 
 __all__ = [
@@ -483,7 +484,8 @@ class Supervisor:
     """Serve one seccomp listener fd on an asyncio loop (one Supervisor per ``cusedev run``).
 
     Takes ownership of ``listener_fd``.  Each notification runs its handler in
-    its own task (``on_ioctl`` for ioctl, ``on_reboot`` for reboot); a handler
+    its own task (``on_ioctl`` for ioctl, ``on_reboot`` for reboot), started at once and
+    made a task only if it waits (``device.eager``); a handler
     that returns without answering gets ENOSYS sent for it, one that raises
     gets EIO, so the target never hangs.  When every filtered process is gone
     (exited; on some kernels only once reaped) the kernel reports POLLHUP; the
@@ -582,9 +584,11 @@ class Supervisor:
             raise
         n = Notification(self, bytes(buf))
         assert self._loop is not None
-        task = self._loop.create_task(self._dispatch(n), name=f"{self.name}:{n.id:#x}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        # run at once: most answers need no wait, and then no task (nor its loop turn) at all
+        task = eager.start(self._dispatch(n), self._loop, name=f"{self.name}:{n.id:#x}")
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
