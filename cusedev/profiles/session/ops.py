@@ -13,6 +13,7 @@ node, of kind ``"session"``, bound to its LUO session.
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -60,23 +61,29 @@ def _need_run(file: Any, inst: Any, what: str) -> Any:
     return inst
 
 
-def _install(file: Any, caller: Any, inst: Any, fd: int) -> int:
+#: the first two words of every fd-returning struct: ``__u32 size; __s32 fd``
+_HEAD = struct.Struct("=Ii")
+
+
+def _install(file: Any, caller: Any, inst: Any, fd: int, size: int, old_fd: int) -> int:
     """Install ``fd`` in the caller only if its struct can take the write-back.
 
     The kernel copies the struct out before it installs the fd and drops the fd
     when that faults (spec 3, write-back): a read-only struct gets EFAULT and no
     descriptor.  ADDFD cannot be taken back, so the caller's size and fd words
-    are rewritten with their own bytes first; a fault there raises EFAULT here,
+    are rewritten with their own bytes first (``size``, ``old_fd``: as read for
+    this call, so one write and no read); a fault there raises EFAULT here,
     and the callers' error paths undo the rest as the kernel's do.
     """
     for t in getattr(file.device, "trapped", {}).values():
         if t.caller is caller:
-            t.memory.write(t.arg, t.memory.read(t.arg, 8))
+            t.memory.write(t.arg, _HEAD.pack(size, old_fd))
             break
     return int(inst.install(caller, fd))
 
 
-async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None]) -> Out:
+async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callable[[], None],
+                    v: tuple) -> Out:
     """Open our own node as a session file bound to ``s``, install it in the caller, close our copy.
 
     Our copy is closed by the device's ``close_own``, which never blocks the loop: if it is the last
@@ -89,7 +96,7 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
         undo()
         raise
     try:
-        newfd = _install(file, caller, inst, ours)
+        newfd = _install(file, caller, inst, ours, v[0], v[1])
     finally:
         file.device.close_own(ours)  # its release undoes the session
     return {"fd": newfd}
@@ -103,7 +110,7 @@ def create_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     m.check_create(name)
     inst = _need_run(file, inst, "CREATE_SESSION")
     s = m.create(name)
-    return _hand_out(file, caller, inst, s, lambda: m.release(s))
+    return _hand_out(file, caller, inst, s, lambda: m.release(s), v)
 
 
 def retrieve_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
@@ -117,7 +124,7 @@ def retrieve_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     def undo() -> None:
         s.retrieved = False
 
-    return _hand_out(file, caller, inst, s, undo)
+    return _hand_out(file, caller, inst, s, undo, v)
 
 
 # -- a session fd ------------------------------------------------------------------------------------
@@ -134,7 +141,7 @@ def retrieve_fd(file: Any, caller: Any, v: tuple) -> Out:
     inst = _need_run(file, inst, "RETRIEVE_FD")
     keep = m.rules.keep_seals
     got = m.retrieve_fd(s, token, lambda obj: obj.rebuild(keep))  # type: ignore[attr-defined]
-    return {"fd": _install(file, caller, inst, got.fd)}  # type: ignore[attr-defined]
+    return {"fd": _install(file, caller, inst, got.fd, v[0], v[1])}  # type: ignore[attr-defined]
 
 
 def finish(file: Any, caller: Any, v: tuple) -> None:
