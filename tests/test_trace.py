@@ -487,3 +487,27 @@ def test_big_file_digest_off_the_loop(public_dir: Path, transport_name: str, tmp
         return
     assert f["kind"] == "shmem" and f["size"] == len(contents) and "data" not in f
     assert f["sha256"] == hashlib.sha256(contents).hexdigest()
+
+
+def test_traced_preserve_of_the_node_itself_after_a_read_does_not_hang() -> None:
+    """FD_PRESERVE of the emulator's own node after a read() on it: the tracer describes the file
+    handed in, and a stat of a FUSE file whose attributes a read() invalidated is a GETATTR that only
+    the emulator's loop answers — it must not be asked from the loop (it hung the emulator)."""
+    from cusedev.testing.emulator import Emulator
+
+    client = (
+        "import errno, os, sys\n"
+        "from cusedev.client import LiveUpdateDevice\n"
+        "dev = LiveUpdateDevice(sys.argv[1])\n"
+        "try:\n    os.read(dev.fd, 8)\nexcept OSError as e:\n    print('read', errno.errorcode[e.errno])\n"
+        "try:\n    dev.preserve(dev.fd, 7)\nexcept OSError as e:\n    print('preserve', errno.errorcode[e.errno])\n"
+        "print('state', dev.state.name)\n"
+    )
+    transport = os.environ.get("CUSEDEV_TEST_TRANSPORT", "auto") or "auto"
+    with Emulator(None, transport, trace=True, sysfs=None) as e:
+        r = subprocess.run([sys.executable, "-c", client, e.path], capture_output=True, text=True,
+                           env=ENV, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.split("\n")[:3] == ["read EINVAL", "preserve ENOENT", "state NORMAL"], r.stdout
+        rec = [x for x in e.trace_records() if x.get("name") == "LIVEUPDATE_IOCTL_FD_PRESERVE"]
+        assert rec and rec[-1]["errno"] == errno.ENOENT and rec[-1]["file"]["kind"] == "other", rec

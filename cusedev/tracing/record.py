@@ -381,12 +381,19 @@ class Tracer(Interceptor):
         loop = _get_loop()
         if loop is None or isinstance(ours, dict):
             return file_json(file)
+        st: os.stat_result | None = None
         try:
+            if not file[1]:
+                # Not known to be shmem: it may be a FUSE file, one of our own nodes above all, whose
+                # fstat after a read() is a GETATTR only this loop answers.  F_GET_SEALS answers on
+                # shmem alone and asks no server; anything else is described off the loop.
+                fcntl.fcntl(ours, fcntl.F_GET_SEALS)
             st = os.fstat(ours)
         except OSError:
-            return file_json(file)
-        if not stat.S_ISREG(st.st_mode) or st.st_size <= CONTENT_LIMIT:
-            return file_json(file, st)
+            pass
+        else:
+            if not stat.S_ISREG(st.st_mode) or st.st_size <= CONTENT_LIMIT:
+                return file_json(file, st)
         if self._digests is None:  # one thread: digests finish in record order
             self._digests = ThreadPoolExecutor(1, thread_name_prefix="cusedev-trace-digest")
         fut = self._digests.submit(file_json, file, st)
