@@ -95,6 +95,13 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     bindir = selftests_dir()
     private_dev()
+    # A soft fd limit below what the stress tests' 500 files need in the emulator (preserved + retrieved):
+    # the kernel keeps them without any process's limit, so the emulator must raise its own (the VM's
+    # shell gives 1,024, where luo_stress_files' stage 2 failed with EMFILE); the selftests raise
+    # theirs as they need
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     results: dict[str, Any] = {}
     _progress(f"selftests from {bindir}; starting the emulator ({a.abi})")
     with SessionEmulator(a.abi, path="/dev/liveupdate") as emu:

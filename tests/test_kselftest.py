@@ -7,12 +7,9 @@ stage 1 and stage 2 of the two-stage tests.  The TAP summary lines are
 printed to the terminal.
 
 On the host every binary runs.  On real CUSE (the VM phase) the same binaries
-run from ``vm/guest-steps`` instead, beside the real kernel's own run of them,
-so nothing here is ``vm``-marked: there only the two two-stage tests that fit
-TCG's time run against the emulator (``liveupdate``'s 2,000-session case needs
-a trapped CREATE_SESSION well under 15 ms to finish inside the harness's 30 s,
-and the stress tests' 2,000 creates took minutes there; docs/session-abi.md,
-"Speed").
+run from ``vm/guest-steps`` instead, all of them, beside the real kernel's own
+run of them, and their result lines must be the kernel's; so nothing here is
+``vm``-marked.
 """
 
 from __future__ import annotations
