@@ -371,6 +371,10 @@ def _rows(lat: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
                 yield placement, op, lat[placement][op]
 
 
+def _size_label(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
 def table(res: dict[str, Any]) -> str:
     lines = []
     lat = res["latency"]
@@ -432,9 +436,7 @@ def table(res: dict[str, Any]) -> str:
                      f"{'RETRIEVE_FD med/p99 µs':>22} {'RSS held MiB':>12}")
         for k in res["session_kexec"]:
             size = k["bytes_each"]
-            label = (f"{k['sessions']} sess x {k['files']} x "
-                     + (f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB")
-                     + ("" if k["allocated"] else " sparse"))
+            label = f"{k['sessions']} sess x {k['files']} x {_size_label(size)}" + ("" if k["allocated"] else " sparse")
             lines.append(f"{label:<30} {k['hold_s'] * 1e3:>8.1f} {k['kexec_s'] * 1e3:>9.1f} "
                          f"{k['restore_s'] * 1e3:>10.1f} {k['retrieve_fd_median_us']:>10.1f} / "
                          f"{k['retrieve_fd_p99_us']:>9.1f} {k['rss_kib_held'] / 1024:>12.1f}")
@@ -444,7 +446,7 @@ def table(res: dict[str, Any]) -> str:
                      f"{'RSS prepared MiB':>16}")
         for k in res["kexec"]:
             size = k["bytes_each"]
-            label = f"{k['count']} x " + (f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB")
+            label = f"{k['count']} x {_size_label(size)}"
             lines.append(f"{label:<18} {k['preserve_s'] * 1e3:>11.1f} {k['prepare_s'] * 1e3:>10.1f} "
                          f"{k['kexec_s'] * 1e3:>9.1f} {k['restore_s'] * 1e3:>10.1f} "
                          f"{k['rss_kib_prepared'] / 1024:>16.1f}")

@@ -138,6 +138,18 @@ def standin_memfd(info: dict[str, Any]) -> int:
     return fd
 
 
+def unused_fd(at_least: int) -> int:
+    """The lowest fd number >= max(``at_least``, 900) not open here: the stand-in for a recorded fd
+    that was not open in the recording (EBADF there, EBADF here; far above what the replay opens)."""
+    fd = max(at_least, 900)
+    while True:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return fd
+        fd += 1
+
+
 def standin_digest(info: dict[str, Any]) -> str:
     """What a file restored from our stand-in must hash to: the recorded digest when the trace has
     the contents, else that of the zeros the stand-in holds (the recorder keeps only a digest of

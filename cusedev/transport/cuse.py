@@ -261,13 +261,18 @@ class CuseChannel:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        while self.made:
-            p = self.made.pop()
-            try:
-                os.unlink(p)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    log.warning("remove %s: %s", p, e.strerror)
+        remove_made(self.made)
+
+
+def remove_made(made: list[str]) -> None:
+    """Unlink the nodes and links we made (newest first), emptying ``made``; a missing one is fine."""
+    while made:
+        p = made.pop()
+        try:
+            os.unlink(p)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("remove %s: %s", p, e.strerror)
 
 
 def clear_stale(path: str, dev_node: str) -> bool:
@@ -375,12 +380,6 @@ class CuseTransport:
 
     async def stop(self) -> None:
         """Close the channels (the kernel removes its devices), then remove nodes we made."""
-        while self._made:
-            p = self._made.pop()
-            try:
-                os.unlink(p)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    log.warning("remove %s: %s", p, e.strerror)
+        remove_made(self._made)
         for ch in reversed(self.channels):
             ch.stop()

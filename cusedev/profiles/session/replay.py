@@ -40,6 +40,7 @@ from ...tracing.replay import (
     place_argument,
     standin_digest,
     standin_memfd,
+    unused_fd,
 )
 from ...tracing.show import errname
 from . import uapi
@@ -259,13 +260,7 @@ class SessionReplayer:
             return recorded_fd
         assert info is not None
         if kind == "none":
-            fd = max(recorded_fd, 900)
-            while True:
-                try:
-                    os.fstat(fd)
-                    fd += 1
-                except OSError:
-                    return fd
+            return unused_fd(recorded_fd)
         if kind == "session":
             for fh, name in self.session_of.items():
                 if name == info.get("name"):

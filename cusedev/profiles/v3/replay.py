@@ -31,6 +31,7 @@ from ...tracing.replay import (
     place_argument,
     standin_digest,
     standin_memfd,
+    unused_fd,
 )
 from ...tracing.show import errname
 from . import uapi
@@ -164,13 +165,7 @@ class Replayer:
         if kind is None or kind == "error" or recorded_fd < 0:
             return recorded_fd
         if kind == "none":
-            fd = max(recorded_fd, 900)
-            while True:
-                try:
-                    os.fstat(fd)
-                    fd += 1
-                except OSError:
-                    return fd
+            return unused_fd(recorded_fd)
         assert info is not None  # kind came from it
         key = (kind, info.get("dev"), info.get("ino"))
         known = self.standins.get(key)
