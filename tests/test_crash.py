@@ -12,13 +12,16 @@ and SIGKILLed (the next `serve` on the path clears what it left).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import logging
 import os
 import random
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +49,9 @@ from _hostile import (
 )
 from _server import REPO, ServerProc, mounts_mentioning
 
-from cusedev import control
+from cusedev import Emulator, control
+from cusedev.control import channel
+from cusedev.fuse import abort as fuse_abort
 
 KILL_ROUNDS = int(knob("CUSEDEV_CRASH_ROUNDS", 40, 8))
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -313,3 +318,118 @@ def test_emulator_sigkill_then_restart(public_dir: Path, transport_name: str) ->
         assert "stale" in err, err
         assert_clean_log(err)
     _gone(dev)
+
+
+# -- an emulator wedged on its own FUSE node -----------------------------------------------------------------
+
+#: Imported first by the emulator subprocess (``PYTHONPATH``): SIGUSR1 wedges it on its own node for real.
+#: A thread's GET_STATE is read by the loop and held by the injected delay; a second later the loop
+#: itself (SIGUSR2's handler runs on it) waits on a STATFS of its own file.  SIGTERM then finds no
+#: loop to run its handler, and SIGKILL cannot end the thread: the kernel waits uninterruptibly for
+#: the answer to a request the server has read, and only this dying process could answer.
+WEDGE_HOOK = """
+import os, signal, threading
+path = os.environ.get("CUSEDEV_TEST_WEDGE")
+if path:
+    def _held():
+        from cusedev.client import LiveUpdateDevice
+        LiveUpdateDevice(path).state
+    def _wedge(signum, frame):
+        threading.Thread(target=_held, daemon=True).start()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+    def _block_loop(signum, frame):
+        os.statvfs(path)
+    signal.signal(signal.SIGUSR1, _wedge)
+    signal.signal(signal.SIGUSR2, _block_loop)
+"""
+
+
+def _ours_mounted(emu: Emulator) -> list[str]:
+    return mounts_mentioning(emu.path, os.path.join(emu.tmpdir, "sys"))  # device, its FUSE mount, sysfs tree
+
+
+def test_emulator_wedged_on_its_own_node_is_ended_by_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGKILL leaves a wedged emulator in D state for ever; stop() aborts its connections and it is gone."""
+    (tmp_path / "sitecustomize.py").write_text(WEDGE_HOOK)
+    emu = Emulator(transport="fuse", inject=["GET_STATE:delay=600s"], trace=False)
+    emu.env = {"PYTHONPATH": str(tmp_path), "CUSEDEV_TEST_WEDGE": emu.path}
+    emu.start()
+    proc = emu._proc
+    assert proc is not None and emu.transport == "fuse"
+    conns = list(emu._conns)
+    assert len(conns) == 2, conns  # the device's mount (and its bind) and the sysfs tree
+    try:
+        os.kill(proc.pid, signal.SIGUSR1)
+        _wait_blocked(emu.path)  # the loop blocks on its own node a second after the held ioctl
+        stopper = threading.Thread(target=emu.stop, kwargs={"timeout": 2})
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="cusedev.testing.emulator"):
+            stopper.start()
+            stopper.join(60)
+        took = time.monotonic() - t0
+        assert not stopper.is_alive(), "stop() hangs on the wedged emulator"
+        assert proc.poll() is not None, "the emulator survived stop()"
+        assert took < 30, took
+        assert "aborted its connections /sys/fs/fuse/connections/" in caplog.text, caplog.text  # a real wedge
+        assert not _ours_mounted(emu)
+        assert not os.path.exists(emu.tmpdir)
+    finally:
+        if proc.poll() is None:  # the test failed: free the process so that the run can go on
+            fuse_abort.abort(conns)
+            proc.kill()
+            proc.wait(30)
+            emu.stop(timeout=5)
+
+
+def _wait_blocked(path: str) -> None:
+    deadline = time.monotonic() + 30
+    while not _loop_blocked(path):
+        assert time.monotonic() < deadline, "the emulator did not wedge"
+        time.sleep(0.2)
+
+
+def _loop_blocked(path: str) -> bool:
+    """Whether the emulator's loop no longer answers its control socket (within a second)."""
+    with channel.connect(path) as s, s.makefile("rb") as r:
+        s.settimeout(1)
+        channel.send(s, {"cmd": "status"})
+        try:
+            channel.receive(s, r)
+        except TimeoutError:
+            return True
+    return False
+
+
+def test_in_process_emulator_wedged_on_its_own_node_is_ended_by_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """An in-process emulator whose loop thread waits on its own FUSE file: stop() frees and ends it."""
+    emu = Emulator(transport="fuse", in_process=True, trace=False)
+    emu.start()
+    thread, loop = emu._thread, emu._loop
+    assert thread is not None and loop is not None
+    conns = list(emu._conns)
+    assert len(conns) == 2, conns
+    failed: list[BaseException] = []
+
+    def block() -> None:  # on the loop thread: a STATFS that only this blocked loop would answer
+        try:
+            os.statvfs(emu.path)
+        except OSError as e:
+            failed.append(e)
+
+    try:
+        loop.call_soon_threadsafe(block)
+        _wait_blocked(emu.path)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="cusedev.testing.emulator"):
+            emu.stop(timeout=2)
+        took = time.monotonic() - t0
+        assert not thread.is_alive(), "the loop thread is still wedged after stop()"
+        assert took < 30, took
+        assert [e.errno for e in failed] in ([errno.ENOTCONN], [errno.ECONNABORTED]), failed
+        assert "aborted its connections /sys/fs/fuse/connections/" in caplog.text, caplog.text
+        assert not _ours_mounted(emu)
+    finally:
+        if thread.is_alive():  # the test failed: free the thread
+            fuse_abort.abort(conns)
+            thread.join(30)
+            emu.stop(timeout=5)

@@ -33,7 +33,7 @@ def umount_lazy(target: str) -> None:
     _check(_umount2(target.encode(), MNT_DETACH), "umount", target)
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     # mountinfo octal-escapes space, tab, newline and backslash.
     out, i = [], 0
     while i < len(field):
@@ -49,7 +49,7 @@ def _unescape(field: str) -> str:
 def mountpoints() -> list[str]:
     """Every mount point of this mount namespace, in mount order."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [_unescape(line.split(" ", 5)[4]) for line in f]
+        return [unescape(line.split(" ", 5)[4]) for line in f]
 
 
 def is_mountpoint(path: str) -> bool:
@@ -63,7 +63,7 @@ def mount_fstype(path: str) -> str | None:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split(" ")
-            if _unescape(fields[4]) == want:
+            if unescape(fields[4]) == want:
                 found = fields[fields.index("-") + 1]
     return found
 

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import select
 import shutil
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import control
 from ..control import paths
+from ..fuse import abort as fuse_abort
 from ..libc import function
 
 if TYPE_CHECKING:
@@ -62,9 +64,12 @@ if TYPE_CHECKING:
 __all__ = ["Emulator", "EmulatorError", "available_transport"]
 
 #: The source tree holding this package: children must import the same cusedev as we do.
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MNT_DETACH = 2
 _umount2 = function("umount2", [ctypes.c_char_p, ctypes.c_int])
+#: how long a SIGKILLed emulator (or a stopped in-process one) may take before its connections are aborted
+_KILL_GRACE = 3.0
+log = logging.getLogger(__name__)
 
 
 class EmulatorError(RuntimeError):
@@ -105,12 +110,29 @@ def _mounted(points: Iterable[str]) -> list[str]:
     return found
 
 
-def _cleanup(device_path: str, tmpdir: str | None, proc: subprocess.Popen[bytes] | None) -> None:
-    """Kill a leftover emulator, lazily unmount what it left, drop stale sockets and directories."""
-    if proc is not None and proc.poll() is None:
-        proc.kill()
+def _abort_wedged(what: str, conns: list[fuse_abort.Conn]) -> None:
+    """``what`` outlived its stop: abort its connections (a thread waiting on its own node, see fuse/abort.py)."""
+    done = fuse_abort.abort(conns)
+    log.warning("%s did not end when told to (wedged on its own node?): aborted its connections %s", what,
+                ", ".join(done) or "(none left)")
+
+
+def _kill(proc: subprocess.Popen[bytes], conns: list[fuse_abort.Conn]) -> None:
+    """SIGKILL ``proc`` and reap it; if it is wedged on its own node, abort its connections, then reap it."""
+    proc.kill()
+    try:
+        proc.wait(_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        _abort_wedged(f"emulator pid {proc.pid} (SIGKILLed)", conns)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
+
+
+def _cleanup(device_path: str, tmpdir: str | None, proc: subprocess.Popen[bytes] | None,
+             conns: list[fuse_abort.Conn]) -> None:
+    """Kill a leftover emulator, lazily unmount what it left, drop stale sockets and directories."""
+    if proc is not None and proc.poll() is None:
+        _kill(proc, conns)
     rundir = paths.runtime_dir(device_path)
     points = [device_path, os.path.join(rundir, "mnt"), os.path.join(rundir, "sys")]
     if tmpdir:
@@ -217,7 +239,9 @@ class Emulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._server: Server | None = None
-        self._finalizer = weakref.finalize(self, _cleanup, self.path, self.tmpdir, None)
+        #: our FUSE/CUSE connections, recorded once serving: what stop() aborts if the emulator wedges
+        self._conns: list[fuse_abort.Conn] = []
+        self._finalizer = weakref.finalize(self, _cleanup, self.path, self.tmpdir, None, self._conns)
 
     # -- paths -----------------------------------------------------------------------------------
     @property
@@ -250,10 +274,23 @@ class Emulator:
             raise EmulatorError("the emulator must run as root (it mounts FUSE / creates CUSE devices)")
         try:
             self._start_thread() if self.in_process else self._start_subprocess()
+            self._record_connections()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _record_connections(self) -> None:
+        """Remember our connections while they are surely ours (their numbers are reused once they end)."""
+        from ..transport.cuse import devname_for, session_devname
+
+        rundir = paths.runtime_dir(self.path)
+        points = [self.path, os.path.join(rundir, "mnt")] + ([self.sysfs_path] if self.sysfs_path else [])
+        names: list[str] = []
+        if self.transport == "cuse":
+            name = devname_for(self.path)[0]
+            names = [name, session_devname(name)]
+        self._conns[:] = fuse_abort.connections(points, names)
 
     def _serve_args(self) -> list[str]:
         args = ["--device", self.path, "--transport", self.requested_transport]
@@ -291,7 +328,7 @@ class Emulator:
                     [sys.executable, "-m", "cusedev", "serve", *self._serve_args()],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/")
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _cleanup, self.path, self.tmpdir, self._proc)
+            self._finalizer = weakref.finalize(self, _cleanup, self.path, self.tmpdir, self._proc, self._conns)
             pidfd = os.pidfd_open(self._proc.pid)
             try:
                 deadline = time.monotonic() + self.ready_timeout
@@ -377,7 +414,14 @@ class Emulator:
                 trace.stop(handler)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop the emulator (SIGTERM, then SIGKILL) and remove everything it left; idempotent."""
+        """Stop the emulator (SIGTERM, then SIGKILL) and remove everything it left; idempotent.
+
+        An emulator wedged on its own node (a thread waiting for a reply only
+        it could send) survives SIGKILL: ``timeout`` after SIGTERM (and a few
+        seconds after SIGKILL), its FUSE/CUSE connections are aborted, which
+        fails the request it waits for and lets it die (see fuse/abort.py).
+        In-process, the loop thread gets the same once ``timeout`` has passed.
+        """
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -385,8 +429,7 @@ class Emulator:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                _kill(proc, self._conns)
         thread, self._thread = self._thread, None
         if thread is not None:
             loop, ev = self._loop, self._stop_event
@@ -394,6 +437,9 @@ class Emulator:
                 with contextlib.suppress(RuntimeError):  # the loop already closed
                     loop.call_soon_threadsafe(ev.set)
             thread.join(timeout)
+            if thread.is_alive():
+                _abort_wedged(f"the in-process emulator at {self.path}", self._conns)
+                thread.join(_KILL_GRACE)
         self._finalizer()  # umount -l leftovers, stale socket, private dir (runs once)
 
     def __enter__(self) -> Emulator:
