@@ -33,9 +33,11 @@ from cusedev import control  # noqa: E402
 OPS = ("get_state", "preserve", "event")
 OP_LABEL = {"get_state": "GET_STATE", "preserve": "FD_PRESERVE+FD_UNPRESERVE", "event": "SET_EVENT PREPARE+CANCEL"}
 #: session-ABI rows (profile 7.2, bench/session_client.c under `cusedev run`), measured beside the v3 rows
-SESSION_OPS = ("get_name", "preserve", "create")
+SESSION_OPS = ("get_name", "preserve", "create", "retrieve_fd")
 SESSION_LABEL = {"get_name": "7.2 GET_NAME", "preserve": "7.2 PRESERVE_FD (new memfd)",
-                 "create": "7.2 CREATE_SESSION (trap)"}
+                 "create": "7.2 CREATE_SESSION (trap)", "retrieve_fd": "7.2 RETRIEVE_FD (trap, 1st)"}
+#: the trapped, fd-returning session rows: each is also set against the kernel's floor of such a call
+TRAPPED_OPS = ("create", "retrieve_fd")
 #: the kernel's floor of a trapped fd-returning call (bench/seccomp_floor.c), measured beside the session rows
 FLOOR_MODES = ("plain", "pvm")
 FLOOR_LABEL = {"plain": "C seccomp ADDFD floor", "pvm": "C seccomp ADDFD+pvm floor"}
@@ -238,9 +240,11 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             if session is not None:
                 sclient, spid, sdev = session
                 set_affinity(spid, server_cpus)
-                for op in SESSION_OPS:
-                    res = run_client(sclient, "lat", sdev, op, n["session_" + op], cpus=client_cpus,
-                                     wrap=cusedev_run(sdev))
+                for op in SESSION_OPS:  # retrieve_fd last: its kexec drops the emulator's sessions
+                    args: list[Any] = [n["session_" + op]]
+                    if op == "retrieve_fd":
+                        args.append(_rfd_incoming(sclient, sdev, spid, f"bench-rfd-{r}-{placement}", args[0]))
+                    res = run_client(sclient, "lat", sdev, op, *args, cpus=client_cpus, wrap=cusedev_run(sdev))
                     raw.setdefault(placement, {}).setdefault("session", {}).setdefault(op, []).append(res)
                 # the kernel's part of a trapped call: a C supervisor answering with ADDFD + SEND
                 split = [ALL_CPUS[-1]] if placement == "split" else []
@@ -284,15 +288,42 @@ def latency(client: Path, servers: dict[str, tuple[int, str]], runs: int, n: dic
             base = out[placement]["get_state"].get("baseline")
             for mode in FLOOR_MODES:
                 floor = srows.get("floor_" + mode)
-                if floor:  # the emulator's trapped call over the kernel's floor; that floor over a C round trip
-                    create = srows["create"]
-                    create["ratio_vs_floor_" + mode] = round(create["median_us"] / floor["median_us"], 2)
+                if floor:  # the emulator's trapped calls over the kernel's floor; that floor over a C round trip
+                    for op in TRAPPED_OPS:
+                        if op in srows:
+                            srows[op]["ratio_vs_floor_" + mode] = round(srows[op]["median_us"] / floor["median_us"], 2)
                     if base:
                         floor["ratio_vs_c_baseline"] = round(floor["median_us"] / base["median_us"], 2)
     return out
 
 
-def _hold_and_kexec(argv: list[str], device: str, emu: Any, what: str) -> tuple[dict[str, Any], int, float]:
+def _session_idle(device: str, timeout: float = 60) -> None:
+    """Wait until the session emulator holds no session: the releases of the clients that exited
+    (their session fds closed at exit) are answered asynchronously, and a session still there at a
+    kexec would be carried into the next boot, one row's state leaking into the next."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = control.request(device, "status")
+        if not st.get("outgoing") and not st.get("incoming"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{device}: sessions still held after {timeout:.0f} s: "
+                               f"{len(st.get('outgoing', []))} outgoing, {len(st.get('incoming', []))} incoming")
+        time.sleep(0.05)
+
+
+def _rfd_incoming(client: Path, device: str, pid: int, name: str, n: int) -> str:
+    """The state the RETRIEVE_FD row starts from, as after a real live update: a client under `cusedev
+    run` makes the session ``name`` of the memfds `lat retrieve_fd` retrieves (``rfd-hold``), the
+    emulator kexecs (its control socket; the holder dies with the old boot), and ``name`` is an
+    incoming session none of whose files was retrieved yet.  Untimed; returns ``name``."""
+    _session_idle(device)  # the earlier rows' sessions are gone: only ``name`` is carried
+    _hold_and_kexec([*cusedev_run(device), str(client), "rfd-hold", device, name, str(n)], device, pid,
+                    "RETRIEVE_FD row hold")
+    return name
+
+
+def _hold_and_kexec(argv: list[str], device: str, pid: int, what: str) -> tuple[dict[str, Any], int, float]:
     """Start a client that holds preserved state (its first stdout line is JSON), then time the kexec
     over the control socket; returns (that line, the emulator's RSS while held, kexec seconds)."""
     hold = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -303,7 +334,7 @@ def _hold_and_kexec(argv: list[str], device: str, emu: Any, what: str) -> tuple[
         hold.wait()
         raise RuntimeError(f"{what}: {hold.stderr.read().decode() if hold.stderr else ''}")
     held = json.loads(line)
-    rss_held = rss_kib(emu.pid)
+    rss_held = rss_kib(pid)
     t0 = time.perf_counter()
     reply = control.request(device, "kexec")
     kexec_s = time.perf_counter() - t0
@@ -319,7 +350,7 @@ def kexec_restore(client: Path, transport: str, device: str, count: int, kib: in
     with Emulator(device, transport) as emu:
         rss0 = rss_kib(emu.pid)
         held, rss_prepared, kexec_s = _hold_and_kexec([str(client), "hold", device, str(count), str(kib)],
-                                                      device, emu, "hold")
+                                                      device, emu.pid, "hold")
         t0 = time.perf_counter()
         res = run_client(client, "restore", device, count,
                          wrap=[sys.executable, "-m", "cusedev.cli", "run", "--device", device, "--"])
@@ -341,7 +372,7 @@ def session_kexec(client: Path, transport: str, device: str, sessions: int, file
     with Emulator(device, transport, extra=("--abi", SESSION_ABI)) as emu:
         held, rss_held, kexec_s = _hold_and_kexec(
             [*cusedev_run(device), str(client), "hold", device, str(sessions), str(files), str(kib),
-             str(int(alloc))], device, emu, "session hold")
+             str(int(alloc))], device, emu.pid, "session hold")
         res = run_client(client, "restore", device, sessions, files, wrap=cusedev_run(device))
         if res["size"] != kib * 1024:
             raise RuntimeError(f"restored size {res['size']} != {kib * 1024}")
@@ -416,6 +447,8 @@ def table(res: dict[str, Any]) -> str:
         for placement in PLACEMENTS:
             srows = lat.get(placement, {}).get("session")
             for op in SESSION_OPS if srows else ():
+                if op not in srows:  # results of a bench from before the row (--compare, a guest's)
+                    continue
                 r = srows[op]
                 lines.append(f"{placement:<8} {SESSION_LABEL[op]:<28} {r['median_us']:>9.1f} / {r['p99_us']:>8.1f} "
                              f"{r['ratio_vs_v3_get_state']:>14.2f}x {r['ratio_vs_get_name']:>10.2f}x "
@@ -467,7 +500,7 @@ def measure(args: argparse.Namespace, transport: str, work: Path) -> dict[str, A
     scale = 0.1 if args.quick or in_vm else 1.0
     n = {"get_state": int(20000 * scale), "preserve": int(4000 * scale), "event": int(8000 * scale),
          "session_get_name": int(20000 * scale), "session_preserve": int(4000 * scale),
-         "session_create": int(2000 * scale)}
+         "session_create": int(2000 * scale), "session_retrieve_fd": int(2000 * scale)}
     session_client = build_session(work)
     res: dict[str, Any] = {
         "host": socket.gethostname(), "date": datetime.datetime.now().isoformat(timespec="seconds"),

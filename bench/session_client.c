@@ -8,6 +8,13 @@
  *               (N distinct memfds made before the timer: a file is preserved once)
  *     create:   CREATE_SESSION of a new name per call (trapped, an fd installed);
  *               the session fds stay open so no release runs during the loop
+ *   lat DEV retrieve_fd N NAME           the same, of RETRIEVE_FD after a live update: the incoming
+ *                                        session NAME (made by `rfd-hold`, then kexec) is retrieved
+ *                                        untimed, then tokens 1.. are retrieved once each (every call
+ *                                        a first retrieval: trapped, the file rebuilt, an fd
+ *                                        installed); the fds stay open; FINISH after the timer
+ *   rfd-hold DEV NAME N                  the session NAME of the memfds `lat retrieve_fd N` retrieves
+ *                                        (its warm-up and N timed calls: 4 KiB each), then wait on stdin
  *   hold DEV SESSIONS FILES KIB          SESSIONS sessions of FILES memfds each, then wait on stdin
  *   restore DEV SESSIONS FILES           RETRIEVE_SESSION + RETRIEVE_FD of everything, FINISH;
  *                                        RETRIEVE_FD latency (median/p99) of every call
@@ -101,6 +108,12 @@ static int make_memfd(size_t bytes, int alloc)
 	return fd;
 }
 
+/* the untimed calls before a `lat` loop: 10% + 1 */
+static long warmup(long n)
+{
+	return n / 10 + 1;
+}
+
 static void report(const char *op, double *s, long n, double total)
 {
 	qsort(s, n, sizeof(double), cmp_double);
@@ -109,22 +122,40 @@ static void report(const char *op, double *s, long n, double total)
 	       op, n, s[n / 2] * 1e6, s[(long)(n * 0.99)] * 1e6, s[0] * 1e6, n / total, total);
 }
 
-static int mode_lat(const char *path, const char *op, long n)
+static int retrieve_fd(int s, __u64 token)
+{
+	struct liveupdate_session_retrieve_fd r = { .size = sizeof(r), .fd = -1, .token = token };
+	if (ioctl(s, IO(LIVEUPDATE_CMD_SESSION_RETRIEVE_FD), &r))
+		die("RETRIEVE_FD");
+	return r.fd;
+}
+
+static void finish(int s)
+{
+	struct liveupdate_session_finish f = { .size = sizeof(f) };
+	if (ioctl(s, IO(LIVEUPDATE_CMD_SESSION_FINISH), &f))
+		die("FINISH");
+}
+
+static int mode_lat(const char *path, const char *op, long n, const char *rfd_name)
 {
 	raise_nofile();
 	int dev = open_dev(path);
-	int kind = !strcmp(op, "get_name") ? 0 : !strcmp(op, "preserve") ? 1 : !strcmp(op, "create") ? 2 : -1;
-	if (kind < 0) {
-		fprintf(stderr, "bench session client: unknown op %s\n", op);
+	int kind = !strcmp(op, "get_name") ? 0 : !strcmp(op, "preserve") ? 1 : !strcmp(op, "create") ? 2
+		 : !strcmp(op, "retrieve_fd") ? 3 : -1;
+	if (kind < 0 || (kind == 3 && !rfd_name)) {
+		fprintf(stderr, "bench session client: unknown op %s (retrieve_fd needs NAME)\n", op);
 		return 2;
 	}
-	long warm = n / 10 + 1, total_n = n + warm;
+	long warm = warmup(n), total_n = n + warm;
 	char name[48];
 	snprintf(name, sizeof(name), "bench-%d", (int)getpid());  /* unique: a previous run's release may lag */
-	int s = kind == 2 ? -1 : session(dev, IO(LIVEUPDATE_CMD_CREATE_SESSION), name);
+	int s = kind == 2 ? -1 : kind == 3 ? session(dev, IO(LIVEUPDATE_CMD_RETRIEVE_SESSION), rfd_name)
+		: session(dev, IO(LIVEUPDATE_CMD_CREATE_SESSION), name);
 	int *mfds = NULL;
-	if (kind == 1) {
+	if (kind == 1 || kind == 3)
 		mfds = malloc(sizeof(int) * total_n);
+	if (kind == 1) {
 		for (long i = 0; i < total_n; i++)
 			mfds[i] = make_memfd(4096, 1);
 	}
@@ -145,11 +176,44 @@ static int mode_lat(const char *path, const char *op, long n)
 		case 2:
 			session(dev, IO(LIVEUPDATE_CMD_CREATE_SESSION), name);
 			break;
+		case 3:  /* tokens 1..warm untimed, then the timed ones; the fds stay open */
+			mfds[i + warm] = retrieve_fd(s, (__u64)(i + warm) + 1);
+			break;
 		}
 		if (i >= 0)
 			t[i] = now() - t0;
 	}
-	report(op, t, n, now() - t_start);
+	double total = now() - t_start;
+	if (kind == 3) {  /* what came back is what was preserved: a 4 KiB memfd (a wrong file fails the row) */
+		struct stat st;
+		if (fstat(mfds[total_n - 1], &st))
+			die("fstat");
+		if (st.st_size != 4096) {
+			fprintf(stderr, "bench session client: retrieved size %lld != 4096\n", (long long)st.st_size);
+			return 1;
+		}
+		finish(s);
+	}
+	report(op, t, n, total);
+	return 0;
+}
+
+static int mode_rfd_hold(const char *path, const char *name, long n)
+{
+	raise_nofile();
+	int dev = open_dev(path);
+	long total_n = n + warmup(n);
+	int s = session(dev, IO(LIVEUPDATE_CMD_CREATE_SESSION), name);
+	for (long i = 0; i < total_n; i++) {
+		int m = make_memfd(4096, 1);
+		preserve(s, m, (__u64)i + 1);
+		close(m);  /* the session holds the file */
+	}
+	printf("{\"name\": \"%s\", \"files\": %ld}\n", name, total_n);
+	fflush(stdout);
+	char c;
+	while (read(0, &c, 1) > 0)
+		;
 	return 0;
 }
 
@@ -193,23 +257,19 @@ static int mode_restore(const char *path, long sessions, long files)
 		int s = session(dev, IO(LIVEUPDATE_CMD_RETRIEVE_SESSION), name);
 		sess_s += now() - a;
 		for (long j = 0; j < files; j++) {
-			struct liveupdate_session_retrieve_fd r = { .size = sizeof(r), .fd = -1, .token = (__u64)j + 1 };
 			double t0 = now();
-			if (ioctl(s, IO(LIVEUPDATE_CMD_SESSION_RETRIEVE_FD), &r))
-				die("RETRIEVE_FD");
+			int fd = retrieve_fd(s, (__u64)j + 1);
 			t[k++] = now() - t0;
 			if (size < 0) {
 				struct stat st;
-				if (fstat(r.fd, &st))
+				if (fstat(fd, &st))
 					die("fstat");
 				size = st.st_size;
 			}
-			close(r.fd);
+			close(fd);
 		}
-		struct liveupdate_session_finish f = { .size = sizeof(f) };
 		a = now();
-		if (ioctl(s, IO(LIVEUPDATE_CMD_SESSION_FINISH), &f))
-			die("FINISH");
+		finish(s);
 		fin_s += now() - a;
 		close(s);
 	}
@@ -225,12 +285,14 @@ int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 5 && !strcmp(argv[1], "lat"))
-		return mode_lat(argv[2], argv[3], atol(argv[4]));
+		return mode_lat(argv[2], argv[3], atol(argv[4]), argc >= 6 ? argv[5] : NULL);
+	if (argc >= 5 && !strcmp(argv[1], "rfd-hold"))
+		return mode_rfd_hold(argv[2], argv[3], atol(argv[4]));
 	if (argc >= 6 && !strcmp(argv[1], "hold"))
 		return mode_hold(argv[2], atol(argv[3]), atol(argv[4]), atol(argv[5]), argc >= 7 && atoi(argv[6]));
 	if (argc >= 5 && !strcmp(argv[1], "restore"))
 		return mode_restore(argv[2], atol(argv[3]), atol(argv[4]));
-	fprintf(stderr, "usage: session_client lat DEV get_name|preserve|create N | "
-			"hold DEV SESSIONS FILES KIB [ALLOC] | restore DEV SESSIONS FILES\n");
+	fprintf(stderr, "usage: session_client lat DEV get_name|preserve|create N | lat DEV retrieve_fd N NAME | "
+			"rfd-hold DEV NAME N | hold DEV SESSIONS FILES KIB [ALLOC] | restore DEV SESSIONS FILES\n");
 	return 2;
 }
