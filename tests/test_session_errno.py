@@ -684,6 +684,7 @@ class ModelHarness(H):
         self.pending: dict[int, _File] = {}
         self.kept: list[int] = []
         self.emfile = False
+        self.chain: list[Any] = []  # no interceptors: handlers check EMFILE only when a call fails
         self.next = 10_000
         self.dev = self._add(_File(0, "device", None, self.model, self))
 
@@ -710,12 +711,16 @@ class ModelHarness(H):
     def warn_no_installer(self, what: str) -> None:
         return None
 
-    async def open_own(self, kind: str, bound: Any) -> int:
+    async def open_own(self, kind: str, bound: Any, tagged: bool = True) -> int:
         fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.pending[fd] = _File(0, kind, bound, self.model, self)
         return fd
 
     def close_own(self, fd: int) -> None:
+        os.close(fd)
+
+    def disown_own(self, fd: int) -> None:
+        self.pending.pop(fd, None)
         os.close(fd)
 
     # FdInstaller
@@ -724,6 +729,8 @@ class ModelHarness(H):
             raise OSError(errno.EMFILE, "no fd")
 
     def install(self, caller: Any, fd: int) -> int:
+        if self.emfile:  # as SECCOMP_IOCTL_NOTIF_ADDFD on a full table
+            raise OSError(errno.EMFILE, "no fd")
         f = self.pending.pop(fd, None)
         return self._add(f) if f is not None else os.dup(fd)
 

@@ -176,6 +176,37 @@ def scenario_client_locks(path: str) -> dict[str, Any]:
     return facts
 
 
+def scenario_give_carried(path: str, sock_path: str) -> dict[str, Any]:
+    """An outgoing session with one memfd, handed to the test to hold across the kexec."""
+    dev = SessionDevice(path)
+    s = dev.create_session("carried-tag")
+    m = os.memfd_create("carried")
+    os.write(m, b"carried bytes")
+    s.preserve(m, 3)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sock_path)
+    _send_fd(c, s.fd)
+    c.recv(1)
+    return {"tags_outgoing": len(_tags(s.fd))}
+
+
+def scenario_retrieve_carried(path: str) -> dict[str, Any]:
+    """After the kexec: the retrieved (incoming) session fd is tagged; RETRIEVE_FD on it and on a dup."""
+    dev = SessionDevice(path)
+    s = dev.retrieve_session("carried-tag")
+    facts: dict[str, Any] = {"tags_incoming": len(_tags(s.fd))}
+    a = s.retrieve(3)
+    b = LuoSession(os.dup(s.fd)).retrieve(3)  # a copy of the fd: the same tag, the same open file
+    facts["data"] = os.pread(a, 64, 0).decode()
+    os.lseek(a, 0, os.SEEK_SET)  # (it comes back at the offset frozen at the kexec: 13)
+    facts["shared_offset"] = (os.read(a, 4), os.read(b, 4)) == (b"carr", b"ied ")
+    facts["missing"] = _errno(lambda: s.retrieve(99))
+    out = dev.create_session("outgoing-after")  # untagged: its RETRIEVE_FD takes the re-issue path
+    facts["retrieve_on_outgoing"] = _errno(lambda: out.retrieve(3))
+    facts["tags_outgoing_after"] = len(_tags(out.fd))
+    return facts
+
+
 def scenario_recreate(path: str) -> dict[str, Any]:
     """Create, close, create the same name again at once: our copy was closed before the answer."""
     dev = SessionDevice(path)
@@ -237,7 +268,7 @@ def _settled_fds(emu: Any, base: int) -> int:
 def test_copies_share_the_tag_and_the_fast_path(emu: Any) -> None:
     f = _run(emu, "copies")
     assert f == {
-        "tags_before": 0, "tags_device": 1, "tags_session": 1, "dup_same_tag": True, "dup_create": "copies-dup",
+        "tags_before": 0, "tags_device": 1, "tags_session": 0, "dup_same_tag": True, "dup_create": "copies-dup",
         "fork": "copies-fork", "scm_tag": True, "scm": "copies-scm", "scm_retrieve": "ENOENT",
         "released_after_child": "ok",
     }  # fmt: skip
@@ -277,6 +308,30 @@ def test_tagged_device_fd_after_kexec_is_enodev(emu: Any, tmp_path: Path) -> Non
         "tags": 1, "create_on_old": "ENODEV", "retrieve_on_old": "ENODEV", "create_on_new": "ok"}
 
 
+def test_only_incoming_session_files_are_tagged(emu: Any, tmp_path: Path) -> None:
+    """An outgoing session fd carries no tag (no trapped call on it can succeed: RETRIEVE_FD there is an
+    error, answered through the re-issue path), so the session node's lock list, walked by every close
+    and fdinfo read, stays short; a retrieved session fd is tagged and its RETRIEVE_FD takes the fast path."""
+    import subprocess
+
+    sock = str(tmp_path / "s")
+    srv = _serve_one(sock)
+    p = emu.popen([sys.executable, __file__, "give_carried", emu.path, sock], stdout=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    held = _recv_fd(conn)
+    conn.sendall(b"k")
+    out, _err = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert json.loads(out.strip().splitlines()[-1]) == {"tags_outgoing": 0}
+    assert _tags(held) == []
+    emu.kexec()  # carried: we held its fd
+    os.close(held)
+    f = _run(emu, "retrieve_carried")
+    assert f == {"tags_incoming": 1, "data": "carried bytes", "shared_offset": True, "missing": "ENOENT",
+                 "retrieve_on_outgoing": "EINVAL", "tags_outgoing_after": 1}  # fmt: skip
+    # (the re-issue path tags whatever file a call reached: a misuse like this one is rare)
+
+
 def test_session_fd_of_another_emulator_is_not_ours(emu: Any, tmp_path: Path) -> None:
     """Same fh numbers, same kind of node: only the instance tag tells them apart; its emulator answers."""
     import subprocess
@@ -305,6 +360,7 @@ def test_session_fd_of_another_emulator_is_not_ours(emu: Any, tmp_path: Path) ->
         facts = json.loads(out.strip().splitlines()[-1])
         given = json.loads(out2.strip().splitlines()[-1])
         their_sessions = other.status()["outgoing"]
+    # outgoing, so born untagged; its RETRIEVE_FD in `give_session` took the re-issue path, which tags
     assert facts["their_name"] == "theirs" and facts["their_tags"] == 1
     # the other emulator answered the call made on its file, as it answers its own client
     assert facts["retrieve_fd_theirs"] == given["retrieve_fd_own"] == facts["retrieve_fd_mine"] == "EINVAL"
@@ -349,11 +405,14 @@ def test_closing_thread_path(sync_release: bool) -> None:
 
 def test_spares_replaced_at_kexec_and_no_fd_leaks(own_emu: Any) -> None:
     """Spares are invisible (status), dropped and replaced at kexec, and closed at shutdown."""
+    from cusedev.device.openfiles import EmulatedDevice
+
     emu = own_emu
+    target = EmulatedDevice.spare_target
     before = _emulator_fds(emu)
     _run(emu, "copies")  # starts the pool
     held = _settled_fds(emu, before) - before
-    assert 4 <= held <= 8, held  # the spares (refilled below 4, up to 8), nothing else
+    assert target // 2 <= held <= target, held  # the spares (topped up to the target once idle), nothing else
     st = emu.status()
     assert st["outgoing"] == [] and "spare" not in json.dumps(st)
     emu.kexec()
@@ -364,7 +423,7 @@ def test_spares_replaced_at_kexec_and_no_fd_leaks(own_emu: Any) -> None:
         time.sleep(0.01)
     assert _emulator_fds(emu) <= before
     _run(emu, "copies")  # a new pool generation
-    assert 4 <= _settled_fds(emu, before) - before <= 8
+    assert target // 2 <= _settled_fds(emu, before) - before <= target
     log_before = emu.log()
     emu.stop()
     assert not os.path.exists(emu.path)

@@ -9,7 +9,6 @@ state directory.  The transports and the ABI profile know nothing of it.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -210,7 +209,9 @@ class Runtime:
         # what our nodes have queued came first: a RELEASE of a file the caller closed just before this
         # call (the FUSE file sends it in the background) is seen before the call runs, as with the kernel
         self.device.pump()
-        fd = ctypes.c_int(n.args[0] & 0xFFFFFFFF).value
+        fd = n.args[0] & 0xFFFFFFFF  # the int argument as the syscall reads it
+        if fd >= 0x80000000:
+            fd -= 1 << 32
         fh = self.device.tags.lookup_fd(n.pid, fd) if fd >= 0 else None
         if fh is not None:
             call = TrappedCall(Caller(n.pid, 0, 0), ProcessVmMemory(n.pid), SeccompInstaller(n), n.args[2])

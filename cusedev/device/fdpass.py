@@ -163,6 +163,8 @@ class FileTags:
 
     #: open fdinfo files kept for the next call (a client calls on the same few fds again and again)
     FDINFO_CACHE = 16
+    #: fdinfo texts already parsed to one of our fhs, at most (``lookup_fd``)
+    KNOWN_TEXTS = 1024
 
     def __init__(self) -> None:
         self.instance = secrets.randbelow((1 << 30) - 1) + 1
@@ -170,6 +172,10 @@ class FileTags:
         self.nodes: set[bytes] = set()
         #: (tid, fd) -> our open /proc/<tid>/fdinfo/<fd>, most recent last (``lookup_fd``, loop thread only)
         self._fdinfo: OrderedDict[tuple[int, int], int] = OrderedDict()
+        #: an fdinfo text -> the fh its tag names.  A text with our tag always means that fh: the lock
+        #: lives and dies with its open file, and an fh is never reused, so the next identical read
+        #: needs no parse.  Only hits are kept (a tag whose node is not registered yet may count later).
+        self._known: dict[bytes, int] = {}
 
     def tag(self, fd: int, fh: int, fresh: bool = False) -> bool:
         """Lock one byte naming ``fh`` on ``fd``'s open file; False if it cannot carry a tag.
@@ -235,9 +241,16 @@ class FileTags:
             cache[key] = kept
             if len(cache) > self.FDINFO_CACHE:
                 os.close(cache.popitem(last=False)[1])
+        fh = self._known.get(text)
+        if fh is not None:
+            return fh
         for node, first, last in self._parse(text):
             if first == last and first >> _FH_BITS == self.instance and node in self.nodes:
-                return first & ((1 << _FH_BITS) - 1)
+                fh = first & ((1 << _FH_BITS) - 1)
+                if len(self._known) >= self.KNOWN_TEXTS:
+                    self._known.clear()
+                self._known[text] = fh
+                return fh
         return None
 
     def close(self) -> None:

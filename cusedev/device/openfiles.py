@@ -100,6 +100,10 @@ class EmulatedDevice:
         #: fh -> OpenFile of every spare not yet taken nor released (dropped ones until their release)
         self._spare_files: dict[int, OpenFile] = {}
         self._spare_kind = ""
+        #: our fd -> its open file, from ``open_own`` until ``close_own`` (``disown_own`` finds it here)
+        self._handing: dict[int, OpenFile] = {}
+        #: a spare of ours was tagged once (later tags of spares skip the fdinfo checks: ``FileTags.tag``)
+        self._spares_tagged = False
         #: whether the last close of our node's file waits for its RELEASE (CUSE); None: not known yet
         self._sync_release: bool | None = None
         #: closes of ours in flight (``close_own``)
@@ -286,7 +290,7 @@ class EmulatedDevice:
             log.warning("%s cannot install an fd in a process that is not under `cusedev run`; "
                         "returning EOPNOTSUPP (run the client with `cusedev run -- CMD`)", what)
 
-    async def open_own(self, kind: str, bound: Any) -> int:
+    async def open_own(self, kind: str, bound: Any, tagged: bool = True) -> int:
         """An fd of ours on our own node whose open file has ``kind`` and ``bound`` (see the Protocol).
 
         A spare (``SparePool``: opened earlier by the pool's thread, tagged,
@@ -301,7 +305,7 @@ class EmulatedDevice:
         self._spare_kind = kind
         pool = self.spares
         if pool is None:
-            pool = self.spares = SparePool(self._open_spare_in_thread, self.tags.tag, self.spare_target)
+            pool = self.spares = SparePool(self._open_spare_in_thread, self.spare_target)
         s = pool.take() or await pool.get()
         f = self._spare_files.pop(s.fh)
         k = f.table = self.kinds[kind]
@@ -313,14 +317,17 @@ class EmulatedDevice:
                 m.opened(s.caller, s.flags, 0, errno.EBUSY)
             raise fail(errno.EBUSY)
         self.files[s.fh] = f
+        self._handing[s.fd] = f
         if k.exclusive:
             self.holders[kind] = f
+        if tagged:  # a fresh open of a node tagged before needs no fdinfo read
+            self._spares_tagged = self.tags.tag(s.fd, s.fh, self._spares_tagged) or self._spares_tagged
         for m in self.chain:
             m.opened(s.caller, s.flags, s.fh, 0)
         return s.fd
 
     #: spare own-node opens kept ready (each holds an fd and an open file of our node)
-    spare_target = 8
+    spare_target = 32
 
     def close_own(self, fd: int) -> None:
         """Close our copy ``fd`` of a file handed out, before the trapped call is answered.
@@ -331,6 +338,7 @@ class EmulatedDevice:
         thread, and the runtime waits for it (``closes_done``) before it answers, so
         that a caller closing its fd right after sees the release at once, as with
         the kernel."""
+        self._handing.pop(fd, None)
         if self._sync_release is False:
             os.close(fd)
             return
@@ -340,6 +348,14 @@ class EmulatedDevice:
             return
         self.closing.add(fut)
         fut.add_done_callback(self.closing.discard)
+
+    def disown_own(self, fd: int) -> None:
+        """Close our copy ``fd`` of a file that was never handed out (its install failed with EMFILE,
+        which the kernel finds before it opens anything): its release has no effect."""
+        f = self._handing.get(fd)
+        if f is not None:
+            f.revoked = True
+        self.close_own(fd)
 
     async def closes_done(self) -> None:
         """Until every close of ours in flight (``close_own``) is done."""

@@ -2,10 +2,13 @@
 
 A session fd handed out by CREATE/RETRIEVE_SESSION is an open of our own
 node; opening it on demand costs a worker-thread hop and a round trip through
-the kernel back to our loop while the caller waits.  ``SparePool`` keeps a few
-such files open in advance (``spares``), tagged (``fdpass.FileTags``) and
-unbound: ``take`` hands one out at once and a refill runs in the background,
-a batch at a time, so the hand-offs to the thread are few.  Our copies of
+the kernel back to our loop while the caller waits.  ``SparePool`` keeps such
+files open in advance (``spares``), unbound: ``take`` hands one out at once.
+The pool is topped up in one batch when hand-outs pause (``idle``), or, when
+it runs dry in a burst of calls, by the call that finds it empty.  Never a
+trickle during a burst: each spare's OPEN is a request our loop answers, and
+on a shared CPU an open slipped between every two calls would lengthen each
+of them, where one batch lengthens one call in ``target``.  Our copies of
 handed-out files are closed by a second thread (``close``), never queued
 behind a refill: a close may be the last reference of a CUSE file, whose
 RELEASE only the loop answers, so neither ever runs on the loop.
@@ -19,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,18 +48,20 @@ _Close = tuple[int, "asyncio.Future[None] | None"] | None
 
 
 class SparePool:
-    """Spares of one node, opened by ``opener`` (in the pool's thread) and kept between ``low`` and ``target``.
+    """Spares of one node, opened by ``opener`` (in the pool's thread), topped up to ``target``.
 
     ``opener()`` opens the node and returns the ``Spare`` (the device knows
-    its fh from the OPEN it answered); ``tag(fd, fh, fresh)`` tags it.  Methods
-    other than the thread's are called on the loop's thread.
+    its fh from the OPEN it answered).  A refill runs once no spare has been
+    taken for ``idle`` seconds, or at once for a ``get`` that finds none.
+    Methods other than the threads' are called on the loop's thread.
     """
 
-    def __init__(self, opener: Callable[[], Spare], tag: Callable[[int, int, bool], bool],
-                 target: int = 8, low: int = 4):
+    def __init__(self, opener: Callable[[], Spare], target: int = 32, idle: float = 0.002):
         self._opener = opener
-        self._tag = tag
-        self.target, self.low = target, low
+        self.target, self.idle = target, idle
+        #: when ``take`` last ran (monotonic), and the timer that tops the pool up once that is ``idle`` old
+        self._last_take = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.ready: list[Spare] = []
         #: bumped by ``drop``: spares of an older generation arriving later are closed
         self.gen = 0
@@ -72,17 +78,20 @@ class SparePool:
 
     # -- on the loop ------------------------------------------------------------------------------
     def take(self) -> Spare | None:
-        """A spare at once, or None when none is ready (a refill is then on its way)."""
+        """A spare at once, or None when none is ready (``get`` then refills and waits)."""
         s = self.ready.pop() if self.ready else None
-        self._refill()
+        self._last_take = time.monotonic()
+        if self._timer is None and not self._stopped:
+            self._timer = asyncio.get_running_loop().call_later(self.idle, self._when_idle)
         return s
 
     async def get(self) -> Spare:
-        """A spare, waiting for the refill when none is ready."""
+        """A spare, waiting for a refill when none is ready."""
         while True:
             s = self.take()
             if s is not None:
                 return s
+            self._refill()
             if self._stopped:
                 raise fail(errno.EIO)  # shutting down
             if self._error:
@@ -115,6 +124,9 @@ class SparePool:
     async def stop(self) -> None:
         """Shutdown: close every spare and end the thread (waiting for it, the loop still serving)."""
         self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.drop()
         for w in self._waiters:
             if not w.done():
@@ -131,9 +143,20 @@ class SparePool:
             self._thread = threading.Thread(target=self._work, name="cusedev-spares", daemon=True)
             self._thread.start()
 
+    def _when_idle(self) -> None:
+        """The timer: top up once no spare was taken for ``idle`` seconds, else look again then."""
+        self._timer = None
+        if self._stopped:
+            return
+        wait = self._last_take + self.idle - time.monotonic()
+        if wait > 0:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._when_idle)
+        else:
+            self._refill()
+
     def _refill(self) -> None:
         have = len(self.ready) + self._inflight
-        if not self._stopped and have < self.low:
+        if not self._stopped and have < self.target:
             n = self.target - have
             self._inflight += n
             self._start()
@@ -155,13 +178,8 @@ class SparePool:
 
     # -- in the pool's thread ---------------------------------------------------------------------
     def _work(self) -> None:
-        # the lowest priority: on a busy CPU the refill runs when the loop and its clients wait, off the
-        # path of the calls it serves (an OPEN of ours still needs the loop, which outranks us)
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-        fresh = False
+        # a batch runs when hand-outs pause or while a call waits for it: at the loop's own priority, so
+        # that it ends quickly (a starved refill would keep that call waiting)
         while True:
             job = self._jobs.get()
             if job is None:
@@ -176,7 +194,6 @@ class SparePool:
                     err = e.errno or errno.EIO
                     log.warning("spare open of our node failed: %s", e)
                     break
-                fresh = self._tag(s.fd, s.fh, fresh) or fresh
                 batch.append(s)
             assert self._loop is not None
             try:

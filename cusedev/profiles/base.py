@@ -117,13 +117,19 @@ class DeviceServices(Protocol):
         """Log once that ``what`` needs `cusedev run` to install an fd (the caller then gets EOPNOTSUPP)."""
         ...
 
-    def open_own(self, kind: str, bound: Any) -> Awaitable[int]:
+    def open_own(self, kind: str, bound: Any, tagged: bool = True) -> Awaitable[int]:
         """An fd (ours, O_CLOEXEC) on the emulator's own node whose open file is of ``kind`` and bound to
-        ``bound``; exclusive open does not apply.  Awaited by a handler; the caller closes it."""
+        ``bound``; exclusive open does not apply.  Awaited by a handler; the caller closes it.
+        ``tagged=False``: no trapped call on this file can succeed, so it needs no fast-path tag."""
         ...
 
     def close_own(self, fd: int) -> None:
         """Close our fd ``fd`` (from ``open_own``) off the loop: it may be a last CUSE reference."""
+        ...
+
+    def disown_own(self, fd: int) -> None:
+        """``close_own`` for a file whose hand-out failed before the kernel would have opened it
+        (EMFILE): its release then has no effect."""
         ...
 
 

@@ -513,6 +513,7 @@ class Supervisor:
         self._poll = select.poll()
         self._poll.register(listener_fd, select.POLLIN)
         self._recv_buf = bytearray(_NOTIF.size)
+        self._zeros = bytes(_NOTIF.size)
 
     # lifecycle -------------------------------------------------------------
 
@@ -575,7 +576,7 @@ class Supervisor:
 
     def _receive(self) -> None:
         buf = self._recv_buf
-        buf[:] = bytes(len(buf))  # the kernel requires a zeroed struct
+        buf[:] = self._zeros  # the kernel requires a zeroed struct
         try:
             fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
         except OSError as e:
@@ -585,8 +586,9 @@ class Supervisor:
         n = Notification(self, bytes(buf))
         assert self._loop is not None
         # run at once: most answers need no wait, and then no task (nor its loop turn) at all
-        task = eager.start(self._dispatch(n), self._loop, name=f"{self.name}:{n.id:#x}")
+        task = eager.start(self._dispatch(n), self._loop)
         if task is not None:
+            task.set_name(f"{self.name}:{n.id:#x}")
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 

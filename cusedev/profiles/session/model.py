@@ -233,6 +233,18 @@ class SessionModel:
         self.changed()
         return f.retrieved
 
+    def unretrieve(self, s: Session, token: int) -> None:
+        """Undo a first RETRIEVE_FD whose fd could not be installed (EMFILE: the kernel takes the fd
+        number before it retrieves anything, so for it nothing happened)."""
+        f = s.files.get(token)
+        if f is None or f.retrieved is None:
+            return
+        if self.objects.get(f.obj.key) is f:
+            del self.objects[f.obj.key]
+        f.retrieved.release()
+        f.retrieved = None
+        self.changed()
+
     def finish(self, s: Session, reserved: int = 0, explicit: bool = True) -> None:
         """FINISH (explicit) or the implicit one of closing a retrieved session."""
         if explicit and self.rules.finish_reserved and reserved != 0:

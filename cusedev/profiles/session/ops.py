@@ -4,10 +4,11 @@ Two kinds of open file: the device (``CREATE_SESSION``, ``RETRIEVE_SESSION``;
 base 0) and a session fd (base 0x40: ``PRESERVE_FD``, ``RETRIEVE_FD``,
 ``FINISH``, and ``GET_NAME`` on 7.2), each a table of ``Op`` rows built from
 ``cdefs/luo_session.h``.  Handlers run the kernel's checks in its order
-against the pure model; the three fd-returning commands reserve the caller's
-fd first (EMFILE), make every check, and only then need `cusedev run` (or
-fail with EOPNOTSUPP).  A new session fd is an open file of the emulator's own
-node, of kind ``"session"``, bound to its LUO session.
+against the pure model; the three fd-returning commands answer EMFILE before
+anything else when the caller's fd table is full (``_installer``), make every
+check, and only then need `cusedev run` (or fail with EOPNOTSUPP).  A new
+session fd is an open file of the emulator's own node, of kind ``"session"``,
+bound to its LUO session.
 """
 
 from __future__ import annotations
@@ -45,12 +46,27 @@ def _session(file: Any) -> Session:
     return s
 
 
-def _reserve(file: Any, caller: Any) -> Any:
-    """Step 1 of every fd-returning command: the caller's fd slot (EMFILE), or None outside `cusedev run`."""
+def _installer(file: Any, caller: Any) -> Any:
+    """Step 1 of every fd-returning command, the kernel's ``get_unused_fd_flags``: the installer of the
+    call (None outside `cusedev run`).
+
+    The kernel takes the caller's fd number before any check, so a full fd table answers EMFILE
+    whatever else is wrong.  Checking that up front costs every call a ``prlimit`` and a /proc lookup
+    (``FdInstaller.reserve``), and the install itself fails with EMFILE on a full table anyway; so
+    the check runs only when a call fails before its fd is installed (``_emfile_first``), where it
+    decides between EMFILE and the call's own error, and an EMFILE of the install undoes what the
+    call did.  With an interceptor in the chain (fault injection, tracing) the check stays first: an
+    injected fault point must not fire, nor be counted, in a call the kernel would refuse earlier."""
     inst = file.device.installer_for(caller)
-    if inst is not None:
+    if inst is not None and file.device.chain:
         inst.reserve(caller)
     return inst
+
+
+def _emfile_first(inst: Any, caller: Any) -> None:
+    """A call failed before its fd was installed: EMFILE instead when the caller's table is full."""
+    if inst is not None:
+        inst.reserve(caller)
 
 
 def _need_run(file: Any, inst: Any, what: str) -> Any:
@@ -72,13 +88,18 @@ def _install(file: Any, caller: Any, inst: Any, fd: int, size: int, old_fd: int)
     when that faults (spec 3, write-back): a read-only struct gets EFAULT and no
     descriptor.  ADDFD cannot be taken back, so the caller's size and fd words
     are rewritten with their own bytes first (``size``, ``old_fd``: as read for
-    this call, so one write and no read); a fault there raises EFAULT here,
-    and the callers' error paths undo the rest as the kernel's do.
+    this call, so one write and no read); a fault there raises EFAULT here (or
+    EMFILE, which the kernel would have found first), and the callers' error
+    paths undo the rest as the kernel's do.
     """
-    for t in getattr(file.device, "trapped", {}).values():
-        if t.caller is caller:
-            t.memory.write(t.arg, _HEAD.pack(size, old_fd))
-            break
+    try:
+        for t in getattr(file.device, "trapped", {}).values():
+            if t.caller is caller:
+                t.memory.write(t.arg, _HEAD.pack(size, old_fd))
+                break
+    except OSError:
+        _emfile_first(inst, caller)
+        raise
     return int(inst.install(caller, fd))
 
 
@@ -88,17 +109,28 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
 
     Our copy is closed by the device's ``close_own``, which never blocks the loop: if it is the last
     reference (the caller died, or the install failed), the close waits for the kernel's RELEASE,
-    which on CUSE is synchronous and is answered by this very loop.
+    which on CUSE is synchronous and is answered by this very loop.  On EMFILE nothing happened for
+    the kernel: ``undo`` runs now and our file goes without a release (``disown_own``).
     """
     try:
-        ours = await file.device.open_own("session", s)
-    except BaseException:
+        # only an incoming session's file can take a trapped call that succeeds (RETRIEVE_FD): the others
+        # go untagged and keep the node's lock list short (each tag costs every close and fdinfo read a step)
+        ours = await file.device.open_own("session", s, s.incoming)
+    except BaseException as e:
         undo()
+        if isinstance(e, OSError):
+            _emfile_first(inst, caller)
         raise
     try:
         newfd = _install(file, caller, inst, ours, v[0], v[1])
-    finally:
-        file.device.close_own(ours)  # its release undoes the session
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            file.device.disown_own(ours)
+            undo()
+        else:
+            file.device.close_own(ours)  # its release undoes the session, as the kernel's fput does
+        raise
+    file.device.close_own(ours)
     return {"fd": newfd}
 
 
@@ -106,20 +138,28 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
 def create_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     _size, _fd, name = v
     m = _model(file)
-    inst = _reserve(file, caller)
-    m.check_create(name)
-    inst = _need_run(file, inst, "CREATE_SESSION")
-    s = m.create(name)
+    inst = _installer(file, caller)
+    try:
+        m.check_create(name)
+        inst = _need_run(file, inst, "CREATE_SESSION")
+        s = m.create(name)
+    except OSError:
+        _emfile_first(inst, caller)
+        raise
     return _hand_out(file, caller, inst, s, lambda: m.release(s), v)
 
 
 def retrieve_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     _size, _fd, name = v
     m = _model(file)
-    inst = _reserve(file, caller)
-    m.find_incoming(name)
-    inst = _need_run(file, inst, "RETRIEVE_SESSION")
-    s = m.retrieve(name)
+    inst = _installer(file, caller)
+    try:
+        m.find_incoming(name)
+        inst = _need_run(file, inst, "RETRIEVE_SESSION")
+        s = m.retrieve(name)
+    except OSError:
+        _emfile_first(inst, caller)
+        raise
 
     def undo() -> None:
         s.retrieved = False
@@ -136,12 +176,21 @@ def preserve_fd(file: Any, caller: Any, v: tuple) -> None:
 def retrieve_fd(file: Any, caller: Any, v: tuple) -> Out:
     _size, _fd, token = v
     m, s = _model(file), _session(file)
-    inst = _reserve(file, caller)
-    m.find_file(s, token)
-    inst = _need_run(file, inst, "RETRIEVE_FD")
-    keep = m.rules.keep_seals
-    got = m.retrieve_fd(s, token, lambda obj: obj.rebuild(keep))  # type: ignore[attr-defined]
-    return {"fd": _install(file, caller, inst, got.fd, v[0], v[1])}  # type: ignore[attr-defined]
+    inst = _installer(file, caller)
+    try:
+        first = m.find_file(s, token).retrieved is None
+        inst = _need_run(file, inst, "RETRIEVE_FD")
+        keep = m.rules.keep_seals
+        got = m.retrieve_fd(s, token, lambda obj: obj.rebuild(keep))  # type: ignore[attr-defined]
+    except OSError:
+        _emfile_first(inst, caller)
+        raise
+    try:
+        return {"fd": _install(file, caller, inst, got.fd, v[0], v[1])}  # type: ignore[attr-defined]
+    except OSError as e:
+        if e.errno == errno.EMFILE and first:
+            m.unretrieve(s, token)
+        raise
 
 
 def finish(file: Any, caller: Any, v: tuple) -> None:
