@@ -276,8 +276,11 @@ class FileTags:
 
     @staticmethod
     def _parse(text: bytes) -> list[tuple[bytes, int, int]]:
-        out = []
-        for line in text.split(b"\n"):
+        out: list[tuple[bytes, int, int]] = []
+        first = text.find(b"lock:")  # the lock lines come last (after pos, flags, mnt_id, ino)
+        if first < 0:
+            return out
+        for line in text[first:].split(b"\n"):
             if line.startswith(b"lock:"):
                 parts = line.split()
                 try:

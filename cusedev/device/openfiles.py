@@ -86,7 +86,7 @@ class EmulatedDevice:
         self.interceptor: Callable[[Call], int | Awaitable[int]] | None = None
         #: ``cusedev.tracing.record.Tracer`` while recording, else None
         self.tracer: Tracer | None = None
-        #: each FUSE connection's ``serve_queued`` (kept by ``DeviceOps.started``): see ``pump``
+        #: each FUSE connection's ``serve_pending`` (kept by ``DeviceOps.started``): see ``pump``
         self.pumps: list[Callable[[], None]] = []
         self.opener_tid = 0
         self._next_fh = 1

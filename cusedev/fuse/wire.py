@@ -26,6 +26,7 @@ import asyncio
 import errno
 import logging
 import os
+import select
 import struct
 import time
 from collections.abc import Callable
@@ -216,6 +217,9 @@ class Connection:
         self._buf = bytearray(max(bufsize, uapi.FUSE_MIN_READ_BUFFER))
         self._mv = memoryview(self._buf)
         self._iov = [self._buf]
+        #: for ``serve_pending``: whether anything is queued, without a read that fails
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
         self._table: dict[int, Callable[[Request, memoryview], Any]] = {}
         for opcode, mname in OPCODE_METHODS.items():
             meth = getattr(ops, mname, None)
@@ -257,6 +261,13 @@ class Connection:
         self.stop()
 
     # -- hot path --------------------------------------------------------
+    def serve_pending(self) -> None:
+        """``serve_queued`` if the kernel has queued anything: what work running between requests
+        calls (``EmulatedDevice.pump``), where mostly nothing is queued and a poll costs a third
+        of a read that fails."""
+        if self._poll.poll(0):
+            self.serve_queued()
+
     def serve_queued(self) -> None:
         """Serve every request the kernel has queued, without blocking: the fd's reader, and
         what work running between requests calls so that a request that arrived meanwhile

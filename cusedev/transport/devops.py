@@ -65,12 +65,12 @@ class DeviceOps(Operations):
     def started(self, connection: Connection) -> None:
         pumps = getattr(self.handler, "pumps", None)  # EmulatedDevice: see its ``pump``
         if pumps is not None:
-            pumps.append(connection.serve_queued)
+            pumps.append(connection.serve_pending)
 
     def stopped(self, connection: Connection) -> None:
         pumps = getattr(self.handler, "pumps", None)
-        if pumps is not None and connection.serve_queued in pumps:
-            pumps.remove(connection.serve_queued)
+        if pumps is not None and connection.serve_pending in pumps:
+            pumps.remove(connection.serve_pending)
 
     # -- hooks -----------------------------------------------------------
     def node_of(self, req: Request) -> str:

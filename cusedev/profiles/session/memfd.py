@@ -96,7 +96,8 @@ class PreservedMemfd:
                     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, want & ~have)  # type: ignore[attr-defined]
                 except OSError as e:  # e.g. F_SEAL_WRITE on a file someone still maps writable
                     log.debug("retrieved memfd: seals %#x not added: %s", want & ~have, e)
-            os.lseek(fd, self.pos, os.SEEK_SET)
+            if self.pos:  # a new open file starts at 0
+                os.lseek(fd, self.pos, os.SEEK_SET)
         except BaseException:
             os.close(fd)
             raise
