@@ -158,9 +158,10 @@ class SessionModel:
             raise fail(errno.EEXIST)
         return name
 
-    def create(self, raw: bytes) -> Session:
-        """CREATE_SESSION: a new outgoing session with no files."""
-        name = self.check_create(raw)
+    def create(self, raw: bytes, checked: bytes | None = None) -> Session:
+        """CREATE_SESSION: a new outgoing session with no files (``checked``: what ``check_create(raw)``
+        returned for this very call, when the caller ran the checks first)."""
+        name = self.check_create(raw) if checked is None else checked
         s = self.outgoing[name] = Session(name, incoming=False)
         self.changed()
         return s
@@ -175,8 +176,9 @@ class SessionModel:
             raise fail(errno.EINVAL)
         return s
 
-    def retrieve(self, raw: bytes) -> Session:
-        s = self.find_incoming(raw)
+    def retrieve(self, raw: bytes, found: Session | None = None) -> Session:
+        """RETRIEVE_SESSION (``found``: what ``find_incoming(raw)`` returned for this very call)."""
+        s = self.find_incoming(raw) if found is None else found
         s.retrieved = True
         self.changed()
         return s

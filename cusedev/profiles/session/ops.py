@@ -140,9 +140,9 @@ def create_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     m = _model(file)
     inst = _installer(file, caller)
     try:
-        m.check_create(name)
+        checked = m.check_create(name)  # once: its fault point counts calls
         inst = _need_run(file, inst, "CREATE_SESSION")
-        s = m.create(name)
+        s = m.create(name, checked)
     except OSError:
         _emfile_first(inst, caller)
         raise
@@ -154,9 +154,9 @@ def retrieve_session(file: Any, caller: Any, v: tuple) -> Awaitable[Out]:
     m = _model(file)
     inst = _installer(file, caller)
     try:
-        m.find_incoming(name)
+        found = m.find_incoming(name)
         inst = _need_run(file, inst, "RETRIEVE_SESSION")
-        s = m.retrieve(name)
+        s = m.retrieve(name, found)
     except OSError:
         _emfile_first(inst, caller)
         raise
