@@ -4,7 +4,7 @@ A session fd handed out by CREATE/RETRIEVE_SESSION is an open of our own
 node; opening it on demand costs a worker-thread hop and a round trip through
 the kernel back to our loop while the caller waits.  ``SparePool`` keeps such
 files open in advance (``spares``), unbound: ``take`` hands one out at once.
-The pool is topped up in one batch when hand-outs pause (``idle``), or, when
+The pool is topped up in one batch when the node's calls pause (``idle``), or, when
 it runs dry in a burst of calls, by the call that finds it empty.  Never a
 trickle during a burst: each spare's OPEN is a request our loop answers, and
 on a shared CPU an open slipped between every two calls would lengthen each
@@ -52,13 +52,17 @@ class SparePool:
 
     ``opener()`` opens the node and returns the ``Spare`` (the device knows
     its fh from the OPEN it answered).  A refill runs once no spare has been
-    taken for ``idle`` seconds, or at once for a ``get`` that finds none.
+    taken, and no call served (``last_call``), for ``idle`` seconds, or at
+    once for a ``get`` that finds none.
     Methods other than the threads' are called on the loop's thread.
     """
 
-    def __init__(self, opener: Callable[[], Spare], target: int = 32, idle: float = 0.002):
+    def __init__(self, opener: Callable[[], Spare], target: int = 32, idle: float = 0.002,
+                 last_call: Callable[[], float] | None = None):
         self._opener = opener
         self.target, self.idle = target, idle
+        #: when the node last served a call of any kind (monotonic): a burst of other calls is not a pause
+        self._last_call = last_call or (lambda: 0.0)
         #: when ``take`` last ran (monotonic), and the timer that tops the pool up once that is ``idle`` old
         self._last_take = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -148,7 +152,7 @@ class SparePool:
         self._timer = None
         if self._stopped:
             return
-        wait = self._last_take + self.idle - time.monotonic()
+        wait = max(self._last_take, self._last_call()) + self.idle - time.monotonic()
         if wait > 0:
             self._timer = asyncio.get_running_loop().call_later(wait, self._when_idle)
         else:
