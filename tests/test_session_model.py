@@ -324,3 +324,62 @@ def test_state_dir_keeps_carried_sessions(tmp_path: object) -> None:
     with pytest.raises(ValueError):
         SessionStateDir(str(tmp_path), SessionModel(RULES_6_19)).attach()
     os.close(fd)
+
+
+@pytest.mark.parametrize("keep_seals", [True, False])
+def test_retrieved_file_built_ahead_is_what_retrieval_builds(keep_seals: bool) -> None:
+    """``prepare`` (run in a thread after a kexec) builds the very file ``rebuild`` would: same bytes,
+    offset and seals, a new open file of the same inode; one that needs a copy is left to ``rebuild``;
+    ``release`` closes a prepared file nobody took."""
+    import fcntl
+    import os
+
+    from cusedev.profiles.session.memfd import F_SEAL_GROW, F_SEAL_SEAL, PreservedMemfd, seals_of
+
+    def memfd(seals: int) -> int:
+        fd = os.memfd_create("ahead", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(fd, b"carried bytes")
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)  # type: ignore[attr-defined]
+        return fd
+
+    built = {}
+    for how in ("ahead", "at retrieval"):
+        src = memfd(F_SEAL_GROW if keep_seals else 0)
+        obj = PreservedMemfd(os.dup(src))
+        os.lseek(src, 5, os.SEEK_SET)
+        obj.freeze()
+        if how == "ahead":
+            obj.prepare(keep_seals)
+            assert obj.ready is not None
+        r = obj.rebuild(keep_seals)
+        assert obj.ready is None
+        built[how] = (os.pread(r.fd, 64, 0), os.lseek(r.fd, 0, os.SEEK_CUR), seals_of(r.fd),
+                      os.fstat(r.fd).st_ino == os.fstat(src).st_ino, r.fd != obj.fd)
+        obj.prepare(keep_seals)  # retrieved: nothing more is built
+        assert obj.ready is None
+        r.release()
+        obj.release()
+        os.close(src)
+    assert built["ahead"] == built["at retrieval"]
+    assert built["ahead"][:2] == (b"carried bytes", 5)
+
+    # seals the inode cannot shed (6.19 keeps none; here F_SEAL_GROW): a copy, so not built ahead
+    src = memfd(F_SEAL_GROW)
+    obj = PreservedMemfd(os.dup(src))
+    obj.prepare(False)
+    assert obj.ready is None
+    assert seals_of(obj.rebuild(False).fd) == F_SEAL_SEAL
+    obj.release()
+    os.close(src)
+
+    # released before anyone retrieved it: the prepared file is closed with it
+    src = memfd(0)
+    obj = PreservedMemfd(os.dup(src))
+    obj.prepare(True)
+    assert obj.ready is not None
+    kept = obj.ready.fd
+    obj.release()
+    with pytest.raises(OSError):
+        os.fstat(kept)
+    os.close(src)

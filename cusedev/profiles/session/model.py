@@ -123,6 +123,10 @@ def _no_fault(point: str) -> None:
     return None
 
 
+def _no_prepare(objs: list[Any], keep_seals: bool) -> None:
+    return None
+
+
 @dataclass(eq=False)
 class SessionModel:
     """One machine's LUO under a session profile."""
@@ -137,6 +141,9 @@ class SessionModel:
     fault: Callable[[str], None] = _no_fault
     #: told ``(None, None)`` after every change (the session ABI has no global state to pass)
     listeners: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    #: after a kexec, given every carried object and whether seals are kept: may build what RETRIEVE_FD
+    #: will return ahead of it (``memfd.prepare_ahead``); the bare model does nothing
+    prepare: Callable[[list[Any], bool], None] = _no_prepare
 
     def changed(self) -> None:
         for cb in self.listeners:
@@ -318,6 +325,7 @@ class SessionModel:
         self.objects = {}
         self.update_count += 1
         self.changed()
+        self.prepare([f.obj for s in self.incoming.values() for f in s.files.values()], self.rules.keep_seals)
         return True  # every kexec of a live-update kernel is a live update (spec 8)
 
     # -- views -----------------------------------------------------------------------------------

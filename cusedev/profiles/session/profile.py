@@ -15,6 +15,7 @@ from typing import Any
 
 from ..base import Kind, OpenFileContext, Profile, register
 from . import codecs, ops
+from .memfd import prepare_ahead
 from .model import RULES_6_19, RULES_7_2, Rules, SessionModel
 
 
@@ -51,7 +52,7 @@ def make(rules: Rules, aliases: tuple[str, ...] = ()) -> Profile:
             release=_release_session,
         ),
     }
-    model: Any = functools.partial(SessionModel, rules)
+    model: Any = functools.partial(SessionModel, rules, prepare=prepare_ahead)
     return Profile(
         name=rules.name,
         summary=f"session ABI of Linux {rules.name}: CREATE/RETRIEVE_SESSION, session fds (PRESERVE_FD, RETRIEVE_FD,"
