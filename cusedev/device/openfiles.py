@@ -297,10 +297,11 @@ class EmulatedDevice:
     async def open_own(self, kind: str, bound: Any, tagged: bool = True) -> int:
         """An fd of ours on our own node whose open file has ``kind`` and ``bound`` (see the Protocol).
 
-        A spare (``SparePool``: opened earlier by the pool's thread, tagged,
-        unbound) is bound now, so the caller does not wait for an open round
-        trip; with none ready this waits for the refill.  The file is seen by the
-        interceptors (traces) as opened now.
+        A spare (``SparePool``: opened earlier by the pool's thread, unbound) is
+        bound now, so the caller does not wait for an open round trip; with none
+        ready this waits for the refill.  With ``tagged`` it gets its fast-path tag
+        here (``fdpass.FileTags``).  The file is seen by the interceptors (traces)
+        as opened now.
         """
         if self.node_path is None:
             raise fail(errno.EOPNOTSUPP)

@@ -121,16 +121,19 @@ async def _hand_out(file: Any, caller: Any, inst: Any, s: Session, undo: Callabl
         if isinstance(e, OSError):
             _emfile_first(inst, caller)
         raise
+    emfile = False
     try:
         newfd = _install(file, caller, inst, ours, v[0], v[1])
     except OSError as e:
         if e.errno == errno.EMFILE:
-            file.device.disown_own(ours)
+            emfile = True
             undo()
-        else:
-            file.device.close_own(ours)  # its release undoes the session, as the kernel's fput does
         raise
-    file.device.close_own(ours)
+    finally:
+        if emfile:
+            file.device.disown_own(ours)
+        else:  # on any other failure its release undoes the session, as the kernel's fput does
+            file.device.close_own(ours)
     return {"fd": newfd}
 
 
