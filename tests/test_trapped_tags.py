@@ -282,18 +282,27 @@ def _serve_one(sock_path: str) -> socket.socket:
     return srv
 
 
+def _fd_from_scenario(emu: Any, scenario: str, sock: str) -> tuple[int, int, Any]:
+    """Run ``scenario`` under the emulator's `cusedev run`; it sends one fd over ``sock`` and waits for our
+    ack.  Returns (that fd, now ours; its exit status; the facts it printed last)."""
+    import subprocess
+
+    srv = _serve_one(sock)
+    p = emu.popen([sys.executable, __file__, scenario, emu.path, sock], stdout=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    fd = _recv_fd(conn)
+    conn.sendall(b"k")
+    out, _err = p.communicate(timeout=60)
+    return fd, p.returncode, json.loads(out.strip().splitlines()[-1])
+
+
 def test_tagged_device_fd_after_kexec_is_enodev(emu: Any, tmp_path: Path) -> None:
     """A device fd tagged before the kexec, kept by a process outside the run tree, is revoked."""
     import subprocess
 
     sock = str(tmp_path / "s")
-    srv = _serve_one(sock)
-    p = emu.popen([sys.executable, __file__, "send_device", emu.path, sock], stdout=subprocess.PIPE, text=True)
-    conn, _ = srv.accept()
-    kept = _recv_fd(conn)
-    conn.sendall(b"k")
-    out, _err = p.communicate(timeout=60)
-    assert json.loads(out.strip().splitlines()[-1]) == {"tags": 1}
+    kept, _rc, facts = _fd_from_scenario(emu, "send_device", sock)
+    assert facts == {"tags": 1}
     assert len(_tags(kept)) == 1  # the tag lives on the open file description we now hold
     emu.kexec()
     os.unlink(sock)
@@ -312,17 +321,10 @@ def test_only_incoming_session_files_are_tagged(emu: Any, tmp_path: Path) -> Non
     """An outgoing session fd carries no tag (no trapped call on it can succeed: RETRIEVE_FD there is an
     error, answered through the re-issue path), so the session node's lock list, walked by every close
     and fdinfo read, stays short; a retrieved session fd is tagged and its RETRIEVE_FD takes the fast path."""
-    import subprocess
 
-    sock = str(tmp_path / "s")
-    srv = _serve_one(sock)
-    p = emu.popen([sys.executable, __file__, "give_carried", emu.path, sock], stdout=subprocess.PIPE, text=True)
-    conn, _ = srv.accept()
-    held = _recv_fd(conn)
-    conn.sendall(b"k")
-    out, _err = p.communicate(timeout=60)
-    assert p.returncode == 0, out
-    assert json.loads(out.strip().splitlines()[-1]) == {"tags_outgoing": 0}
+    held, rc, facts = _fd_from_scenario(emu, "give_carried", str(tmp_path / "s"))
+    assert rc == 0, facts
+    assert facts == {"tags_outgoing": 0}
     assert _tags(held) == []
     emu.kexec()  # carried: we held its fd
     os.close(held)

@@ -20,7 +20,6 @@ import os
 import stat
 import threading
 from collections.abc import Awaitable, Callable
-from time import monotonic as _now
 from typing import TYPE_CHECKING, Any
 
 from .. import profiles
@@ -101,8 +100,8 @@ class EmulatedDevice:
         #: fh -> OpenFile of every spare not yet taken nor released (dropped ones until their release)
         self._spare_files: dict[int, OpenFile] = {}
         self._spare_kind = ""
-        #: when the last ioctl arrived (monotonic): the spare pool refills only once calls pause
-        self.last_call = 0.0
+        #: ioctls served so far: the spare pool refills only once this count stops moving
+        self.calls = 0
         #: our fd -> its open file, from ``open_own`` until ``close_own`` (``disown_own`` finds it here)
         self._handing: dict[int, OpenFile] = {}
         #: a spare of ours was tagged once (later tags of spares skip the fdinfo checks: ``FileTags.tag``)
@@ -203,7 +202,7 @@ class EmulatedDevice:
             f.table.release(f)
 
     def ioctl(self, fh: int, caller: Caller, cmd: int, arg: int, mem: CallerMemory) -> int | Awaitable[int]:
-        self.last_call = _now()
+        self.calls += 1
         if self.trapped:
             t = self.trapped.get(arg)
             if t is not None and self._is_own(caller):  # our worker, re-issuing a `cusedev run` call
@@ -311,7 +310,7 @@ class EmulatedDevice:
         pool = self.spares
         if pool is None:
             pool = self.spares = SparePool(self._open_spare_in_thread, self.spare_target,
-                                           last_call=lambda: self.last_call)
+                                           calls=lambda: self.calls)
         s = pool.take() or await pool.get()
         f = self._spare_files.pop(s.fh)
         k = f.table = self.kinds[kind]
@@ -438,7 +437,7 @@ class EmulatedDevice:
         caller's fd carries ``fh``'s tag): 0 or the errno, or the handler's future when it completes
         later (``t.task``; ``t`` stays registered until then).  The same path as a re-issued call,
         without the trip through the kernel."""
-        self.last_call = _now()
+        self.calls += 1
         self.trapped[t.cookie] = t
         err = 0
         try:

@@ -22,7 +22,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -51,20 +50,20 @@ class SparePool:
     """Spares of one node, opened by ``opener`` (in the pool's thread), topped up to ``target``.
 
     ``opener()`` opens the node and returns the ``Spare`` (the device knows
-    its fh from the OPEN it answered).  A refill runs once no spare has been
-    taken, and no call served (``last_call``), for ``idle`` seconds, or at
-    once for a ``get`` that finds none.
+    its fh from the OPEN it answered).  A refill runs once the node served no
+    call (``calls``, a count) for ``idle`` seconds, or at once for a ``get``
+    that finds none.
     Methods other than the threads' are called on the loop's thread.
     """
 
     def __init__(self, opener: Callable[[], Spare], target: int = 32, idle: float = 0.002,
-                 last_call: Callable[[], float] | None = None):
+                 calls: Callable[[], int] | None = None):
         self._opener = opener
         self.target, self.idle = target, idle
-        #: when the node last served a call of any kind (monotonic): a burst of other calls is not a pause
-        self._last_call = last_call or (lambda: 0.0)
-        #: when ``take`` last ran (monotonic), and the timer that tops the pool up once that is ``idle`` old
-        self._last_take = 0.0
+        #: how many calls of any kind the node has served (a burst of other calls is not a pause), and the
+        #: count the timer saw last: the timer, armed by ``take``, tops the pool up once it has not moved
+        self._calls = calls or (lambda: 0)
+        self._seen = -1
         self._timer: asyncio.TimerHandle | None = None
         self.ready: list[Spare] = []
         #: bumped by ``drop``: spares of an older generation arriving later are closed
@@ -84,7 +83,6 @@ class SparePool:
     def take(self) -> Spare | None:
         """A spare at once, or None when none is ready (``get`` then refills and waits)."""
         s = self.ready.pop() if self.ready else None
-        self._last_take = time.monotonic()
         if self._timer is None and not self._stopped:
             self._timer = asyncio.get_running_loop().call_later(self.idle, self._when_idle)
         return s
@@ -148,13 +146,14 @@ class SparePool:
             self._thread.start()
 
     def _when_idle(self) -> None:
-        """The timer: top up once no spare was taken for ``idle`` seconds, else look again then."""
+        """The timer: top up if no call came in the last ``idle`` seconds, else look again then."""
         self._timer = None
         if self._stopped:
             return
-        wait = max(self._last_take, self._last_call()) + self.idle - time.monotonic()
-        if wait > 0:
-            self._timer = asyncio.get_running_loop().call_later(wait, self._when_idle)
+        calls = self._calls()
+        if calls != self._seen:
+            self._seen = calls
+            self._timer = asyncio.get_running_loop().call_later(self.idle, self._when_idle)
         else:
             self._refill()
 

@@ -86,14 +86,9 @@ def fuse_minors(points: Iterable[str], fstypes: tuple[str, ...] = FSTYPES) -> li
     """The connection numbers of the FUSE mounts of ``fstypes`` at ``points`` (bind mounts included)."""
     wanted = {os.path.abspath(p) for p in points}
     found: list[int] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ")
-            fstype = fields[fields.index("-") + 1]
-            major, minor = fields[2].split(":")
-            if fstype in fstypes and major == "0" and sysmount.unescape(fields[4]) in wanted \
-                    and int(minor) not in found:
-                found.append(int(minor))
+    for m in sysmount.mounts():
+        if m.fstype in fstypes and m.major == 0 and m.point in wanted and m.minor not in found:
+            found.append(m.minor)
     return found
 
 

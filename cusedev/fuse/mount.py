@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import NamedTuple
 
 from ..libc import function
 
@@ -33,7 +34,7 @@ def umount_lazy(target: str) -> None:
     _check(_umount2(target.encode(), MNT_DETACH), "umount", target)
 
 
-def unescape(field: str) -> str:
+def _unescape(field: str) -> str:
     # mountinfo octal-escapes space, tab, newline and backslash.
     out, i = [], 0
     while i < len(field):
@@ -46,10 +47,29 @@ def unescape(field: str) -> str:
     return "".join(out)
 
 
+class Mount(NamedTuple):
+    """One line of /proc/self/mountinfo: the mount's device number, its point and its type."""
+
+    major: int
+    minor: int
+    point: str
+    fstype: str
+
+
+def mounts() -> list[Mount]:
+    """Every mount of this mount namespace, in mount order (stacked ones each on its own line)."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ")
+            major, minor = fields[2].split(":")
+            out.append(Mount(int(major), int(minor), _unescape(fields[4]), fields[fields.index("-") + 1]))
+    return out
+
+
 def mountpoints() -> list[str]:
     """Every mount point of this mount namespace, in mount order."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [unescape(line.split(" ", 5)[4]) for line in f]
+    return [m.point for m in mounts()]
 
 
 def is_mountpoint(path: str) -> bool:
@@ -60,11 +80,9 @@ def mount_fstype(path: str) -> str | None:
     """The filesystem type of the topmost mount at ``path`` (None if ``path`` is not a mount point)."""
     want = os.path.abspath(path)
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ")
-            if unescape(fields[4]) == want:
-                found = fields[fields.index("-") + 1]
+    for m in mounts():
+        if m.point == want:
+            found = m.fstype
     return found
 
 

@@ -113,6 +113,12 @@ class DeviceServices(Protocol):
         """How to put an fd into this caller: seccomp ADDFD under `cusedev run`, else None."""
         ...
 
+    @property
+    def chain(self) -> Sequence[Any]:
+        """The interceptors (tracing, fault injection), outermost first; empty on the bare path.  While
+        there are any, a handler makes the checks they could observe in the kernel's order, cost or not."""
+        ...
+
     def warn_no_installer(self, what: str) -> None:
         """Log once that ``what`` needs `cusedev run` to install an fd (the caller then gets EOPNOTSUPP)."""
         ...
