@@ -83,10 +83,12 @@ def rss_kb(pid: int) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: not gone, not a zombie. One read, since the process may be reaped at any moment
+    (opening /proc/<pid>/stat of a process being reaped fails with ENOENT or ESRCH)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] not in "ZX"
-    except FileNotFoundError:
+            return f.read().rsplit(") ", 1)[1][0] not in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 

@@ -492,7 +492,7 @@ def sleeps():
         try:
             with open(f"/proc/{p}/comm") as f:
                 comm = f.read().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         st = launcher._stat(p)
         if comm == "sleep" and st and st[0] not in "ZX":
