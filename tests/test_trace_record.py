@@ -212,6 +212,51 @@ def test_ctrl_c_reaches_cmd_as_usual(tmp_path: Path) -> None:
             rec.wait()
 
 
+def test_ctrl_c_while_cmd_starts_is_delivered_as_later(tmp_path: Path) -> None:
+    """Ctrl-C the moment CMD is forked (before the seize, before the recorder's handlers): CMD still dies
+    of SIGINT and the recorder says so, never a KeyboardInterrupt that ends it with 0 and CMD untraced."""
+    for i in range(8):
+        rec = subprocess.Popen([*CLI, "trace", "record", "-o", str(tmp_path / f"t{i}.jsonl"), "--", "sleep", "60"],
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        cmd = 0
+        try:
+            deadline = time.monotonic() + 30
+            while not cmd and time.monotonic() < deadline:
+                try:
+                    kids = Path(f"/proc/{rec.pid}/task/{rec.pid}/children").read_text().split()
+                except OSError:
+                    kids = []
+                cmd = int(kids[0]) if kids else 0
+            assert cmd, "CMD did not start"
+            os.killpg(rec.pid, signal.SIGINT)
+            assert rec.wait(timeout=30) == 128 + signal.SIGINT, rec.stderr.read() if rec.stderr else ""
+            from _hostile import alive
+
+            deadline = time.monotonic() + 10
+            while alive(cmd) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not alive(cmd), "CMD survived the Ctrl-C"
+        finally:
+            if rec.poll() is None:
+                os.killpg(rec.pid, signal.SIGKILL)
+                rec.wait()
+            if cmd:
+                try:
+                    os.kill(cmd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_cmd_starts_with_the_signals_it_would_untraced(tmp_path: Path) -> None:
+    """No signal blocked, none ignored that Python ignores (SIGPIPE, SIGXFSZ), though the recorder blocks
+    and ignores some of them itself."""
+    p = subprocess.run([*CLI, "trace", "record", "-o", str(tmp_path / "t.jsonl"), "--", "cat", "/proc/self/status"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    fields = dict(line.split(":\t", 1) for line in p.stdout.splitlines() if ":\t" in line)
+    assert fields["SigBlk"].strip() == "0" * 16 and fields["SigIgn"].strip() == "0" * 16, fields
+
+
 def test_sigint_to_the_recorder_alone_detaches(tmp_path: Path) -> None:
     """The recorder interrupted on its own lets CMD go on, untraced."""
     rec = subprocess.Popen([*CLI, "trace", "record", "-o", str(tmp_path / "t.jsonl"), "--", "sleep", "60"],

@@ -70,6 +70,9 @@ PTRACE_GETEVENTMSG, PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4201, 0x42
 PTRACE_GET_SYSCALL_INFO = 0x420E
 OPTIONS = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x40  # TRACESYSGOOD FORK VFORK CLONE EXEC EXIT
 EVENT_EXEC, EVENT_STOP = 4, 128
+_WALL = 0x40000000  # waitpid: threads too
+#: taken synchronously by the recorder's wait (blocked from before CMD's fork)
+_WAKE = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
 SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT = 1, 2
 #: struct ptrace_syscall_info: op, arch, ip, sp, then entry {nr, args[6]} or exit {rval, is_error}
 _INFO = struct.Struct("=B3xIQQ")
@@ -208,7 +211,6 @@ class Recorder:
         self.main_pid = 0
         self.main_status: int | None = None
         self.interrupted = False
-        self._in_wait = False
         self.calls = 0
         # set when kcmp(2) is missing (CONFIG_KCMP off): files of the node are then probed (the
         # environment variable forces that path, for its tests)
@@ -580,58 +582,68 @@ class Recorder:
 
     def run(self, argv: Sequence[str]) -> int:
         """Start ``argv`` under the recorder; its exit status (128+N for a signal, 127 not found)."""
-        r, w = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the child only waits, then execs
+        # SIGINT/SIGTERM/SIGCHLD stay blocked from before the fork to the end, and are taken by ``_wait``
+        # (sigtimedwait) between tracee reports: a Ctrl-C at any moment, even the one CMD starts in, ends
+        # the recording the same way, and never loses a report waitpid returned (a handler raising after
+        # it returned dropped CMD's own SIGINT stop, and CMD went on untraced instead of dying of it)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAKE)
+        chld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited SIG_IGN would raise none
+        try:
+            r, w = os.pipe()
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child only waits, then execs
+                try:
+                    # Python ignores SIGPIPE and SIGXFSZ; exec would keep SIG_IGN (as subprocess restores)
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(signal.SIGCHLD, chld)  # CMD gets the disposition we were given
+                    os.close(w)
+                    os.read(r, 1)
+                    os.close(r)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # traced now: a pending Ctrl-C stops it
+                    os.execvp(argv[0], list(argv))
+                except OSError as e:
+                    os.write(2, f"cusedev trace record: {argv[0]}: {e.strerror}\n".encode())
+                os._exit(127)
+            os.close(r)
+            self.main_pid = child
             try:
-                os.close(w)
-                os.read(r, 1)
-                os.close(r)
-                os.execvp(argv[0], list(argv))
+                ptrace(PTRACE_SEIZE, child, 0, OPTIONS)
             except OSError as e:
-                os.write(2, f"cusedev trace record: {argv[0]}: {e.strerror}\n".encode())
-            os._exit(127)
-        os.close(r)
-        self.main_pid = child
-        try:
-            ptrace(PTRACE_SEIZE, child, 0, OPTIONS)
-        except OSError as e:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                os.close(w)
+                raise RecordError(f"ptrace: {e.strerror}") from None
+            self.tracees.add(child)
+            self.header(argv)
+            os.write(w, b"x")
             os.close(w)
-            raise RecordError(f"ptrace: {e.strerror}") from None
-        self.tracees.add(child)
-        self.header(argv)
-        os.write(w, b"x")
-        os.close(w)
-        old = signal.signal(signal.SIGINT, self._on_signal)
-        old_term = signal.signal(signal.SIGTERM, self._on_signal)
-        try:
             self._loop()
         except _Interrupted:
             self._detach_all()
         finally:
-            signal.signal(signal.SIGINT, old)
-            signal.signal(signal.SIGTERM, old_term)
+            while signal.sigtimedwait(_WAKE, 0) is not None:  # a second Ctrl-C is the same Ctrl-C
+                pass
+            signal.signal(signal.SIGCHLD, chld)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self.fd)
         st = self.main_status
         if st is None:
             return 130 if self.interrupted else 0
         return os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.interrupted = True
-        if self._in_wait:
-            raise _Interrupted()
-
     def _wait(self) -> tuple[int, int]:
-        self._in_wait = True
-        try:
+        """The next tracee report, or ``_Interrupted`` once SIGINT or SIGTERM came."""
+        while True:
             if self.interrupted:
                 raise _Interrupted()
-            return os.waitpid(-1, 0x40000000)  # __WALL: threads too
-        finally:
-            self._in_wait = False
+            tid, status = os.waitpid(-1, _WALL | os.WNOHANG)
+            if tid:
+                return tid, status
+            # a tracee's stop or exit raises SIGCHLD; the timeout only bounds a wake-up lost elsewhere
+            info = signal.sigtimedwait(_WAKE, 1.0)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                self.interrupted = True
 
     def _loop(self) -> None:
         while self.tracees:
@@ -691,7 +703,7 @@ class Recorder:
         deadline = time.monotonic() + 2.0
         while waiting and time.monotonic() < deadline:
             try:
-                tid, status = os.waitpid(-1, 0x40000000 | os.WNOHANG)
+                tid, status = os.waitpid(-1, _WALL | os.WNOHANG)
             except ChildProcessError:
                 break
             if tid == 0:
