@@ -252,6 +252,17 @@ def _emulator_fds(emu: Any) -> int:
     return len(os.listdir(f"/proc/{emu.pid}/fd"))
 
 
+def _fd_links(emu: Any) -> dict[str, str]:
+    """The emulator's fds and what they are (a failure's message)."""
+    out = {}
+    for n in os.listdir(f"/proc/{emu.pid}/fd"):
+        try:
+            out[n] = os.readlink(f"/proc/{emu.pid}/fd/{n}")
+        except OSError:
+            pass
+    return out
+
+
 def _settled_fds(emu: Any, base: int) -> int:
     """The emulator's fd count once the pool's refill (in the background) is over: 0.2 s unchanged."""
     n, same = _emulator_fds(emu), 0
@@ -418,12 +429,12 @@ def test_spares_replaced_at_kexec_and_no_fd_leaks(own_emu: Any) -> None:
     st = emu.status()
     assert st["outgoing"] == [] and "spare" not in json.dumps(st)
     emu.kexec()
-    # the spares are closed by the pool's closing thread, and one still being opened by the refill
-    # thread (nice 19: starved for seconds on a busy TCG guest) is closed when it arrives
+    # the spares are closed by the pool's closing thread, one still being opened by the refill thread
+    # (slow on a busy TCG guest) is closed when it arrives, and none is opened until a call takes one
     deadline = time.monotonic() + 30
     while _emulator_fds(emu) > before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _emulator_fds(emu) <= before
+    assert _emulator_fds(emu) <= before, _fd_links(emu)
     _run(emu, "copies")  # a new pool generation
     assert target // 2 <= _settled_fds(emu, before) - before <= target
     log_before = emu.log()

@@ -117,8 +117,14 @@ class SparePool:
         return fut
 
     def drop(self) -> None:
-        """Close every ready spare; those still being opened are closed when they arrive (kexec)."""
+        """Close every ready spare; those still being opened are closed when they arrive (kexec).
+
+        The idle timer goes too: armed before the kexec, it would refill after it, and the
+        spares of the new generation wait for the first call that takes one."""
         self.gen += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         spares, self.ready = self.ready, []
         for s in spares:
             self.close(s.fd)
@@ -126,9 +132,6 @@ class SparePool:
     async def stop(self) -> None:
         """Shutdown: close every spare and end the thread (waiting for it, the loop still serving)."""
         self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self.drop()
         for w in self._waiters:
             if not w.done():
