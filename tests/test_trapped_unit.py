@@ -27,9 +27,16 @@ LIMIT = 64
 
 def _child(sock: socket.socket) -> None:  # pragma: no cover - runs in the forked child
     """Lower the fd limit, then arrange the table as told: b"top" (only the last number under the
-    limit used), b"full" (every number used), b"free" (the last number free again); reply b"k"."""
+    limit used), b"full" (every number used), b"free" (the last number free again); reply b"k".
+    The fds inherited from pytest go first (after hundreds of tests they may reach past the limit),
+    and the parent hears b"k" once the table is as the test starts it."""
+    if sock.fileno() != 3:
+        os.dup2(sock.fileno(), 3)
+        sock = socket.socket(fileno=3)
+    keep = 3
+    os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
-    keep = sock.fileno()
+    sock.send(b"k")
     while True:
         cmd = sock.recv(16)
         if cmd == b"top":
@@ -58,6 +65,7 @@ def child() -> object:
         finally:
             os._exit(0)
     b.close()
+    assert a.recv(1) == b"k"  # its table is set up
 
     def tell(cmd: bytes) -> None:
         a.send(cmd)
