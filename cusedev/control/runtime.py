@@ -70,8 +70,6 @@ class Runtime:
         for w in list(self._waiters):
             w.cancel()
         await self.control.stop()
-        await self.device.close_spares()
-        self.device.tags.close()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

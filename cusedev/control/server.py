@@ -201,6 +201,10 @@ class Server:
             self.handler.node_path = self.device_path
             # the profile's own opens (session files) go to the session node: ENXIO for anyone else
             self.handler.session_node_path = self.transport.session_node_path  # type: ignore[attr-defined]
+        from ..device.openfiles import EmulatedDevice
+
+        if isinstance(self.handler, EmulatedDevice):  # its own fds go before the node, runtime or not
+            self.add_cleanup(self.handler.shutdown)
         log.info("%s ready (transport=%s)", self.device_path, self.transport.name)
         if self.sysfs_mode is not None:
             try:

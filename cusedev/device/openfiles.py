@@ -396,10 +396,12 @@ class EmulatedDevice:
         if self.spares is not None:
             self.spares.drop()
 
-    async def close_spares(self) -> None:
-        """Shutdown: close the spares and end the pool's thread."""
+    async def shutdown(self) -> None:
+        """The server stops: our own fds go (the spares, ending the pool's threads, and the kept
+        fdinfo files) while the node is still served (a spare's close may need our reply)."""
         if self.spares is not None:
             await self.spares.stop()
+        self.tags.close()
 
     def _is_own(self, caller: Caller) -> bool:
         """Whether the request comes from a thread of this process (our own worker)."""
