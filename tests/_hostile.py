@@ -74,6 +74,17 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_links(pid: int | str = "self") -> dict[str, str]:
+    """A process's fds and what each is (readlink), for leak checks and their failure messages."""
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[n] = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            pass
+    return out
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

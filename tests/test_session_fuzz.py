@@ -43,7 +43,9 @@ class SelfInstaller:
 
 @pytest.fixture(params=["7.2", "6.19"])
 def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, EmulatedDevice]]:
-    before = _fds()
+    from _hostile import fd_links
+
+    before = fd_links()
     d = tempfile.mkdtemp(prefix="cusedev-fuzz-", dir="/tmp")
     path = os.path.join(d, "liveupdate")
     dev = EmulatedDevice(profile=request.param)
@@ -74,18 +76,8 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, EmulatedD
         os.rmdir(d)
     # the server's stop closed the device's own fds too (its spares, without a runtime), as did the test;
     # the preserved memfds are the device's state, kept by the object for as long as it lives
-    left = {n: what for n, what in _fds().items() if before.get(n) != what and not what.startswith("/memfd:")}
+    left = {n: what for n, what in fd_links().items() if before.get(n) != what and not what.startswith("/memfd:")}
     assert not left, left
-
-
-def _fds() -> dict[str, str]:
-    out = {}
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            out[n] = os.readlink(f"/proc/self/fd/{n}")
-        except OSError:  # the listing's own fd
-            pass
-    return out
 
 
 # ------------------------------------------------- the independent model ------------------------------
